@@ -1,0 +1,136 @@
+r"""The agnostic network's building blocks (paper §3.1, Fig. 1a).
+
+Shapes: B batch, I input length, O output length, H = d_model.
+
+    Encoder   (B, I) ─lift→ (B, I, H) ─embedding stack→ ─Transformer stack→ ─mean over I→ (B, H)
+    Decoder   (B, H) ─repeat O×, + sinusoidal PE→ (B, O, H) ─embedding stack→ ─Transformer→
+              ─mean over H→ (B, O)
+    Middle    (B, H) + context (B|1, H) ─residual MLP→ (B, H)
+
+Every scalar of the observation is one sequence position; the lift is one shared Linear(1, H), so
+no parameter depends on I or O. The embedding stack is S4 (default) or Bi-GRU (the paper's RNN
+agent).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rl_agnostic.nn.config import NetworkConfig
+from rl_agnostic.nn.s4 import S4Layer
+from rl_agnostic.nn.transformer import TransformerLayer
+
+
+class BiGRULayer(nn.Module):
+    """Bidirectional GRU (H/2 per direction) with residual add and post-LayerNorm."""
+
+    def __init__(self, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.gru = nn.GRU(d_model, d_model // 2, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.gru(x)
+        return self.norm(x + F.dropout(y, self.dropout, self.training))
+
+
+class SequenceBlock(nn.Module):
+    """Embedding stack (S4 or Bi-GRU) followed by an optional Transformer stack, (B, L, H) → same."""
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        if cfg.embedding == "s4":
+            emb = [
+                S4Layer(cfg.d_model, cfg.d_state, cfg.dropout, cfg.discretization, cfg.s4_init,
+                        cfg.dt_min, cfg.dt_max)
+                for _ in range(cfg.s4_layers)
+            ]
+        else:
+            emb = [BiGRULayer(cfg.d_model, cfg.dropout) for _ in range(cfg.s4_layers)]
+        layers = [TransformerLayer(cfg.d_model, cfg.n_heads, cfg.dim_feedforward, cfg.dropout)
+                  for _ in range(cfg.transformer_layers if cfg.transformer else 0)]
+        self.layers = nn.Sequential(*emb, *layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class Encoder(nn.Module):
+    """(B, I) → (B, H) for any I ≥ 1."""
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.lift = nn.Linear(1, cfg.d_model)
+        self.block = SequenceBlock(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] < 1:
+            raise ValueError(f"encoder input must be (batch, length>=1), got {tuple(x.shape)}")
+        h = x.unsqueeze(-1) * self.lift.weight.view(-1) + self.lift.bias
+        return self.block(h).mean(dim=1)
+
+
+def sinusoidal_encoding(length: int, d_model: int, device: torch.device) -> Tensor:
+    """PE[p, 2i] = sin(p / 10000^(2i/H)), PE[p, 2i+1] = cos(·) — (length, H)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32)
+                     * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : d_model // 2]
+    return pe
+
+
+class Decoder(nn.Module):
+    """(B, H), O → (B, O) for any O ≥ 1."""
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.block = SequenceBlock(cfg)
+        self._pe: dict[tuple[int, torch.device], Tensor] = {}
+
+    def positional(self, length: int, device: torch.device) -> Tensor:
+        key = (length, device)
+        if key not in self._pe:
+            self._pe[key] = sinusoidal_encoding(length, self.d_model, device)
+        return self._pe[key]
+
+    def forward(self, h: Tensor, out_len: int) -> Tensor:
+        if out_len < 1:
+            raise ValueError(f"decoder output length must be >= 1, got {out_len}")
+        z = h.unsqueeze(1) + self.positional(out_len, h.device)
+        return self.block(z).mean(dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    """x + W₂ GELU(W₁ LayerNorm(x))."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ResidualMLP(nn.Module):
+    """Linear(in→H) (identity when in is None), ``depth`` residual blocks, Linear(H→out) when
+    out is not None. The middle of the agnostic network and the body of every baseline."""
+
+    def __init__(self, d_model: int, hidden: int, depth: int,
+                 in_dim: int | None = None, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(in_dim, d_model) if in_dim is not None else nn.Identity()
+        self.blocks = nn.Sequential(*(ResidualBlock(d_model, hidden) for _ in range(depth)))
+        self.out = nn.Linear(d_model, out_dim) if out_dim is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.blocks(self.inp(x)))

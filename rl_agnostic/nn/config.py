@@ -1,0 +1,135 @@
+"""Typed, validated hyperparameters of every network in `rl_agnostic.nn`.
+
+Defaults are the paper's Appendix B (Table 2b). ``NetworkConfig.cpu()`` is the same network at
+d_model 64, the size the CPU-scale experiments use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Embedding = Literal["s4", "bigru"]
+Discretization = Literal["bilinear", "zoh"]
+S4Init = Literal["legs", "lin"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "embedding": ("s4", "bigru"),
+    "discretization": ("bilinear", "zoh"),
+    "s4_init": ("legs", "lin"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Hyperparameters of the agnostic network and of the baselines built beside it."""
+
+    d_model: int = 256
+    """Hidden width H of every block (paper: 256)."""
+    d_state: int | None = None
+    """Real state size N of each S4 channel (N/2 complex-conjugate modes); None = d_model."""
+    s4_layers: int = 2
+    """S4 (or Bi-GRU) embedding layers in each encoder/decoder block."""
+    transformer_layers: int = 2
+    """TransformerEncoder layers in each block (ignored when ``transformer`` is False)."""
+    n_heads: int = 1
+    """Attention heads; must divide d_model."""
+    dim_feedforward: int | None = None
+    """Width of the Transformer feed-forward layer; None = d_model."""
+    dropout: float = 0.1
+    """Dropout inside S4 and Transformer layers; only applied in training mode."""
+    mlp_depth: int = 2
+    """Residual blocks in the middle MLP (and in the baselines' MLPs)."""
+    mlp_hidden: int | None = None
+    """Hidden width inside each residual MLP block; None = d_model."""
+    embedding: Embedding = "s4"
+    """Dynamic embedding in front of the Transformer: ``s4`` or ``bigru`` (the paper's RNN agent)."""
+    transformer: bool = True
+    """Ablation switch: keep the TransformerEncoder in every block (paper §4.3)."""
+    mid_mlp: bool = True
+    """Ablation switch: keep the middle residual MLP (paper §4.3)."""
+    shared_encoder: bool = False
+    """Share one encoder+middle between actor and critic (the paper keeps them separate)."""
+    discretization: Discretization = "bilinear"
+    """S4 discretization: ``bilinear`` (paper Eq. 6) or ``zoh``."""
+    s4_init: S4Init = "legs"
+    """Diagonal HiPPO init: ``legs`` (eigenvalues of the normal part of HiPPO-LegS) or ``lin``."""
+    dt_min: float = 1e-3
+    """Lower end of the log-uniform init of the learnable S4 step Δ."""
+    dt_max: float = 1e-1
+    """Upper end of the log-uniform init of the learnable S4 step Δ."""
+    log_std_min: float = -5.0
+    """Lower bound of the Gaussian policy's state-dependent log standard deviation."""
+    log_std_max: float = 2.0
+    """Upper bound of the Gaussian policy's state-dependent log standard deviation."""
+    identity_dim: int = 16
+    """Length of the fixed hashed identity code of an environment in the task context."""
+
+    def __post_init__(self) -> None:
+        # Table 2b ties every width to d_model (all 256); an unset width follows d_model.
+        for name in ("d_state", "dim_feedforward", "mlp_hidden"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.d_model)
+        for name in ("d_model", "d_state", "s4_layers", "n_heads", "dim_feedforward",
+                     "mlp_hidden", "identity_dim"):
+            _check_int(self, name, minimum=1)
+        for name in ("transformer_layers", "mlp_depth"):
+            _check_int(self, name, minimum=0)
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("transformer", "mid_mlp", "shared_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.d_state % 2:
+            raise ConfigError(f"d_state must be even (N/2 conjugate pairs), got {self.d_state}")
+        if self.embedding == "bigru" and self.d_model % 2:
+            raise ConfigError(f"d_model must be even for the bigru embedding, got {self.d_model}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.dt_min < self.dt_max:
+            raise ConfigError(f"need 0 < dt_min < dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        if not self.log_std_min < self.log_std_max:
+            raise ConfigError(
+                f"log_std_min ({self.log_std_min}) must be < log_std_max ({self.log_std_max})"
+            )
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> NetworkConfig:
+        """The paper's Appendix B network (d_model 256)."""
+        return cls.from_dict(overrides)
+
+    @classmethod
+    def cpu(cls, **overrides: Any) -> NetworkConfig:
+        """The paper's network at d_model 64: same layer counts, every width 64."""
+        return cls.from_dict({"d_model": 64, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> NetworkConfig:
+        """Build from a plain mapping (e.g. a YAML section); unknown keys raise ConfigError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown network config keys: {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> NetworkConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(cfg: NetworkConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")

@@ -1,0 +1,194 @@
+r"""Diagonal structured state space layer (S4D), the agnostic network's dynamic embedding.
+
+Each of the H channels is an independent linear state space model with N/2 complex modes
+(conjugate pairs of a real state of size N = ``d_state``):
+
+    x'(t) = A x(t) + B u(t),    y(t) = 2 Re(C x(t)) + D u(t),    A = diag(-exp(a_re) + i a_im).
+
+Discretized with a learnable step Δ = exp(log_dt) (per channel):
+
+    bilinear (paper Eq. 6):  Ā = (1 - ΔA/2)⁻¹ (1 + ΔA/2),   B̄ = (1 - ΔA/2)⁻¹ Δ B
+    zero-order hold:         Ā = exp(ΔA),                  B̄ = (exp(ΔA) - 1) / A · B
+
+Unrolled over a sequence of length L this is a causal convolution (paper Eq. 7) with kernel
+
+    K̄_l = 2 Re( Σ_n C_n B̄_n Ā_n^l ),  l = 0 … L-1,       y = K̄ * u + D u,
+
+computed once per forward (a Vandermonde product, independent of the batch) and applied with an
+FFT of size ≥ 2L-1 — or, for short sequences where an FFT costs more than it saves, as an explicit
+lower-triangular Toeplitz product. Both give the same numbers; ``step`` runs the same map one
+position at a time (x_k = Ā x_{k-1} + B̄ u_k) and is what the tests compare the convolution with.
+
+Initialization is HiPPO-based: ``legs`` takes the eigenvalues and eigenvector-projected B of the
+normal part of the HiPPO-LegS matrix (S4D-LegS), ``lin`` uses A_n = -1/2 + iπn, B = 1 (S4D-Lin).
+Δ, A and B are the state-space parameters: `S4DKernel.SSM_PARAMETERS` names them so that
+`rl_agnostic.nn.optim.param_groups` gives them their own learning rate and no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rl_agnostic.nn.config import Discretization, S4Init
+
+# Below this length an explicit Toeplitz product is cheaper than two FFTs on CPU (measured in
+# benchmarks/network.py's layer timings; both paths are tested to agree).
+TOEPLITZ_MAX_LEN = 48
+
+
+def hippo_legs_diagonal(n_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (positive-imaginary half) and projected B of the normal part of HiPPO-LegS.
+
+    HiPPO-LegS A = -(M) with M_nk = sqrt(2n+1) sqrt(2k+1) for n > k, n+1 for n = k, is normal plus
+    low rank: A + P Pᵀ with P_n = sqrt(n + 1/2) is skew-symmetric shifted by -1/2 I, so its
+    eigenvalues are -1/2 + iω. Returns (λ of shape (N/2,), V^H B of shape (N/2,)).
+    """
+    q = np.arange(n_state, dtype=np.float64)
+    col, row = np.meshgrid(q, q)
+    r = 2 * q + 1
+    m = -(np.where(row >= col, r, 0) - np.diag(q))
+    t = np.sqrt(np.diag(2 * q + 1))
+    a = t @ m @ np.linalg.inv(t)
+    b = np.diag(t)
+    p = np.sqrt(0.5 + q)
+    normal = a + np.outer(p, p)
+    shift = float(np.mean(np.diag(normal)))  # -1/2
+    skew = normal - shift * np.eye(n_state)
+    lam, vec = np.linalg.eigh(1j * skew)  # i·skew is Hermitian; eig(skew) = -i·lam
+    w = shift - 1j * lam
+    keep = np.argsort(w.imag)[n_state // 2 :]  # the conjugate partner of each mode is implied
+    b_proj = vec.conj().T @ b
+    return w[keep], b_proj[keep]
+
+
+class S4DKernel(nn.Module):
+    """Produces the (H, L) convolution kernel K̄ and the discrete (Ā, C·B̄) of H diagonal SSMs."""
+
+    SSM_PARAMETERS = ("log_dt", "log_A_real", "A_imag", "B")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        discretization: Discretization = "bilinear",
+        init: S4Init = "legs",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ) -> None:
+        super().__init__()
+        self.discretization = discretization
+        h, n2 = d_model, d_state // 2
+        log_dt = torch.rand(h) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        if init == "legs":
+            w, b = hippo_legs_diagonal(d_state)
+            a = torch.as_tensor(w, dtype=torch.complex64)
+            b = torch.as_tensor(b, dtype=torch.complex64)
+        else:
+            a = torch.complex(torch.full((n2,), -0.5), math.pi * torch.arange(n2).float())
+            b = torch.ones(n2, dtype=torch.complex64)
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_A_real = nn.Parameter(torch.log(-a.real).repeat(h, 1))
+        self.A_imag = nn.Parameter(a.imag.repeat(h, 1).contiguous())
+        self.B = nn.Parameter(torch.view_as_real(b.repeat(h, 1)).contiguous())
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(h, n2, dtype=torch.complex64)))
+
+    def discrete(self) -> tuple[Tensor, Tensor]:
+        """Return (log Ā, C·B̄), each complex (H, N/2)."""
+        dt = torch.exp(self.log_dt).unsqueeze(-1)
+        a = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
+        dta = a * dt
+        b = torch.view_as_complex(self.B)
+        c = torch.view_as_complex(self.C)
+        if self.discretization == "zoh":
+            log_da = dta
+            db = (torch.exp(dta) - 1.0) / a * b
+        else:
+            denom = 1.0 - dta / 2
+            log_da = torch.log((1.0 + dta / 2) / denom)
+            db = dt * b / denom
+        return log_da, c * db
+
+    def forward(self, length: int) -> Tensor:
+        log_da, cb = self.discrete()
+        pos = torch.arange(length, device=log_da.device, dtype=torch.float32)
+        vandermonde = torch.exp(log_da.unsqueeze(-1) * pos)  # (H, N/2, L)
+        return 2.0 * torch.einsum("hn,hnl->hl", cb, vandermonde).real
+
+
+def causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
+    """y_l = Σ_{j≤l} K_{l-j} u_j per channel; u (B, L, H), kernel (H, L) → (B, L, H)."""
+    length = u.shape[1]
+    if length <= TOEPLITZ_MAX_LEN:
+        idx = torch.arange(length, device=u.device)
+        lag = idx.unsqueeze(1) - idx.unsqueeze(0)  # (L, L): i - j
+        toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)  # (H, L, L), zero above the diagonal
+        y = torch.bmm(toeplitz, u.permute(2, 1, 0).contiguous())  # (H, L, B)
+        return y.permute(2, 1, 0)
+    n_fft = _fast_fft_size(2 * length - 1)
+    u_f = torch.fft.rfft(u, n=n_fft, dim=1)
+    k_f = torch.fft.rfft(kernel.t(), n=n_fft, dim=0)
+    return torch.fft.irfft(u_f * k_f, n=n_fft, dim=1)[:, :length]
+
+
+def _fast_fft_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c ≥ n (pocketfft/MKL are fastest on such sizes)."""
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+class S4Layer(nn.Module):
+    """One S4D block: SSM convolution + D skip, GELU, dropout, Linear(H→2H) + GLU, dropout,
+    residual add and post-LayerNorm (the layout of the state-spaces S4 example model)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        dropout: float = 0.0,
+        discretization: Discretization = "bilinear",
+        init: S4Init = "legs",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ) -> None:
+        super().__init__()
+        self.kernel = S4DKernel(d_model, d_state, discretization, init, dt_min, dt_max)
+        self.D = nn.Parameter(torch.randn(d_model))
+        self.output_linear = nn.Linear(d_model, 2 * d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, H) → (B, L, H)."""
+        y = causal_conv(x, self.kernel(x.shape[1])) + x * self.D
+        return self._mix(x, y)
+
+    def _mix(self, x: Tensor, y: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        y = F.dropout(F.gelu(y), p, self.training)
+        y = F.glu(self.output_linear(y), dim=-1)
+        return self.norm(x + F.dropout(y, p, self.training))
+
+    def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Recurrent form for one position: x (B, H), state complex (B, H, N/2) or None."""
+        log_da, cb = self.kernel.discrete()
+        da = torch.exp(log_da)
+        # Fold C·B̄ into the state so that y = 2 Re(Σ state) needs no separate C product.
+        drive = cb * x.unsqueeze(-1).to(cb.dtype)
+        state = drive if state is None else da * state + drive
+        y = 2.0 * state.sum(-1).real + x * self.D
+        return self._mix(x, y), state

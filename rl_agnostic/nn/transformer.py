@@ -1,0 +1,65 @@
+r"""Post-norm Transformer encoder layer with fused attention.
+
+Computes exactly ``nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout,
+activation="gelu", batch_first=True)`` (the paper's layer):
+
+    a = softmax(Q Kᵀ / sqrt(d_head)) V,   Q,K,V = x W_in + b_in
+    x ← LayerNorm(x + Dropout(a W_out + b_out))
+    x ← LayerNorm(x + Dropout(W_2 Dropout(GELU(W_1 x + b_1)) + b_2))
+
+but with one fused QKV projection and ``scaled_dot_product_attention`` (flash kernel on CPU and
+GPU: memory O(B·L·H) instead of O(B·L²), no softmax matrix kept for backward when attention
+dropout is off), and none of the generic module's argument checking per call.
+``to_reference`` builds the plain torch layer with the same weights (used by the tests).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        # Same init as nn.MultiheadAttention (xavier on the packed projection, zero biases).
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, H) → (B, L, H)."""
+        b, length, h = x.shape
+        p = self.dropout if self.training else 0.0
+        qkv = self.in_proj(x).view(b, length, 3, self.n_heads, h // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d_head)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        a = a.transpose(1, 2).reshape(b, length, h)
+        x = self.norm1(x + F.dropout(self.out_proj(a), p, self.training))
+        f = self.linear2(F.dropout(F.gelu(self.linear1(x)), p, self.training))
+        return self.norm2(x + F.dropout(f, p, self.training))
+
+    def to_reference(self) -> nn.TransformerEncoderLayer:
+        """The stock torch layer carrying these weights."""
+        ref = nn.TransformerEncoderLayer(
+            self.in_proj.in_features,
+            self.n_heads,
+            self.linear1.out_features,
+            self.dropout,
+            activation="gelu",
+            batch_first=True,
+        )
+        ref.self_attn.in_proj_weight.data.copy_(self.in_proj.weight.data)
+        ref.self_attn.in_proj_bias.data.copy_(self.in_proj.bias.data)
+        ref.self_attn.out_proj.load_state_dict(self.out_proj.state_dict())
+        for name in ("linear1", "linear2", "norm1", "norm2"):
+            getattr(ref, name).load_state_dict(getattr(self, name).state_dict())
+        return ref.train(self.training)
