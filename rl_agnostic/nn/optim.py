@@ -1,0 +1,85 @@
+"""Optimizer parameter groups: actor, critic and the S4 state-space parameters.
+
+The S4 state-space parameters (Δ, A, B of every `S4DKernel`, named in
+``S4DKernel.SSM_PARAMETERS``) get their own learning rate and no weight decay, as in the S4
+reference training setup; critic parameters (qualified name starting with ``critic`` or
+``value``, the convention of `rl_agnostic.nn.base.ActorCritic`) get the critic learning rate;
+everything else is the actor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rl_agnostic.nn.s4 import S4DKernel
+
+CRITIC_PREFIXES = ("critic", "value")
+
+
+def param_groups(
+    model: nn.Module,
+    actor_lr: float = 3e-4,
+    critic_lr: float = 5e-4,
+    ssm_lr: float = 1e-3,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """Groups ``actor``, ``critic`` and ``ssm`` (empty ones omitted); every parameter of
+    ``model`` lands in exactly one group, shared parameters once under their first name."""
+    ssm_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, S4DKernel):
+            for name in S4DKernel.SSM_PARAMETERS:
+                param = getattr(module, name, None)
+                if isinstance(param, nn.Parameter):
+                    ssm_ids.add(id(param))
+    actor, critic, ssm = [], [], []
+    for name, param in model.named_parameters():  # deduplicated: shared tensors appear once
+        if id(param) in ssm_ids:
+            ssm.append(param)
+        elif name.startswith(CRITIC_PREFIXES):
+            critic.append(param)
+        else:
+            actor.append(param)
+    groups = [
+        {"name": "actor", "params": actor, "lr": actor_lr, "weight_decay": weight_decay},
+        {"name": "critic", "params": critic, "lr": critic_lr, "weight_decay": weight_decay},
+        {"name": "ssm", "params": ssm, "lr": ssm_lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(
+    model: nn.Module,
+    actor_lr: float = 3e-4,
+    critic_lr: float = 5e-4,
+    ssm_lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    fused: bool | None = None,
+    **adam_kwargs,
+) -> torch.optim.Adam:
+    """Adam over `param_groups`. ``fused=None`` tries the fused kernel (CPU and CUDA in
+    torch ≥ 2.4) and falls back to the default implementation where it is unsupported.
+
+    The fused kernel updates parameters without bumping their autograd version counters, which
+    caches keyed on ``Tensor._version`` (`S4DKernel`'s acting kernel) rely on to see an update; a
+    step post-hook bumps them after every fused step.
+    """
+    groups = param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay)
+    if fused is False or (fused is None and not hasattr(torch.autograd.graph, "increment_version")):
+        return torch.optim.Adam(groups, **adam_kwargs)
+    try:
+        opt = torch.optim.Adam(groups, fused=True, **adam_kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        if fused:  # explicitly requested: do not hide that it is unavailable
+            raise
+        return torch.optim.Adam(param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay),
+                                **adam_kwargs)
+    opt.register_step_post_hook(_bump_param_versions)
+    return opt
+
+
+def _bump_param_versions(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Step post-hook: mark every parameter as modified in place (metadata only, no copy)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.autograd.graph.increment_version(params)
