@@ -1,0 +1,314 @@
+"""The ``rl-agnostic`` command.
+
+    rl-agnostic demo [--envs ID ...] [--steps N] [--num-envs K] [--d-model H]
+                     [--network-config FILE.yaml] [--seed S]
+
+``demo`` builds ONE agnostic actor-critic and lets it act in several environments of different
+observation and action shapes at once. The network is untrained: training arrives with the online
+(DD-PPO on RLlib) and offline (DD-IQL) trainers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DEMO_ENVS = (
+    "CartPole-v1",
+    "Pendulum-v1",
+    "LunarLander-v3",
+    "envpool:HalfCheetah-v4",
+    "Hopper-v5",
+)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Network config files
+# ---------------------------------------------------------------------------------------------
+
+
+def load_network_config(path: str | Path | None = None, d_model: int | None = None):
+    """`NetworkConfig` from a YAML file (see ``tune_configs/network_*.yaml``), else the CPU size.
+
+    The file holds the network section: a mapping whose keys are `NetworkConfig` field names. A
+    file whose top level is ``{network: {...}}`` is accepted too. ``d_model``, when given,
+    overrides the file's; widths left unset in the file follow it.
+    """
+    import yaml
+
+    from rl_agnostic.nn.config import NetworkConfig
+
+    if path is None:
+        return NetworkConfig.cpu() if d_model is None else NetworkConfig.cpu(d_model=d_model)
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read network config {str(path)!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise CliError(f"network config {str(path)!r} is not valid YAML: {exc}") from None
+    if isinstance(values, dict) and set(values) == {"network"}:
+        values = values["network"]
+    if not isinstance(values, dict):
+        raise CliError(
+            f"network config {str(path)!r} must be a mapping of NetworkConfig fields, "
+            f"got {type(values).__name__}"
+        )
+    if d_model is not None:
+        values = {**values, "d_model": d_model}
+    try:
+        return NetworkConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"network config {str(path)!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Runner:
+    """One environment id as a small vector env, with its bookkeeping."""
+
+    env_id: str
+    spec: Any
+    env: Any
+    obs: Any = None
+    steps: int = 0
+    seconds: float = 0.0
+    episode_returns: list[float] = field(default_factory=list)
+    running: Any = None
+    autoreset: Any = None
+
+    @property
+    def env_steps(self) -> int:
+        return self.steps * self.env.num_envs
+
+    @property
+    def rate(self) -> float:
+        return self.env_steps / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_return(self) -> float:
+        return sum(self.episode_returns) / len(self.episode_returns) if self.episode_returns else math.nan
+
+    def action_text(self) -> str:
+        if self.spec.is_discrete:
+            return f"discrete {self.spec.action_dim}"
+        low, high = min(self.spec.action_low), max(self.spec.action_high)
+        return f"box {self.spec.action_dim} [{low:g},{high:g}]"
+
+    def return_text(self) -> str:
+        if not self.episode_returns:
+            return "— (no episode finished yet)"
+        n = len(self.episode_returns)
+        return f"{self.mean_return:9.1f} ({n} episode{'s' if n != 1 else ''})"
+
+
+def _act(net, runner: _Runner, torch, np) -> None:
+    """One step of every copy of ``runner``'s env with actions sampled from the shared network."""
+    env, spec = runner.env, runner.spec
+    start = time.perf_counter()
+    obs = torch.as_tensor(np.asarray(runner.obs, dtype=np.float32)).reshape(env.num_envs, -1)
+    actions = net.sample(spec, net.actor(obs, spec)).numpy()
+    space = env.single_action_space
+    if spec.is_discrete:
+        actions = actions.astype(space.dtype if space.dtype is not None else np.int64)
+    else:
+        # The Gaussian is unbounded; the env only accepts actions inside its Box.
+        actions = np.clip(actions.reshape(env.num_envs, *space.shape), space.low, space.high)
+        actions = actions.astype(space.dtype)
+    runner.obs, reward, terminated, truncated, _ = env.step(actions)
+    runner.seconds += time.perf_counter() - start
+    runner.steps += 1
+    # Both backends reset a finished copy on the NEXT step (reward 0 there): skip that step.
+    live = ~runner.autoreset
+    runner.running[live] += np.asarray(reward, dtype=np.float64)[live]
+    done = np.logical_or(terminated, truncated) & live
+    for i in np.flatnonzero(done):
+        runner.episode_returns.append(float(runner.running[i]))
+        runner.running[i] = 0.0
+    runner.autoreset = done
+
+
+def run_demo(
+    env_ids: Sequence[str] = DEFAULT_DEMO_ENVS,
+    steps: int = 1000,
+    num_envs: int = 4,
+    d_model: int | None = None,
+    network_config: str | None = None,
+    seed: int = 0,
+    log_every: int | None = None,
+    out=None,
+) -> list[_Runner]:
+    """Act with one untrained agnostic network in every env of ``env_ids`` for ``steps`` steps."""
+    out = out or sys.stdout
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    # Validate everything the user typed before building anything.
+    from rl_agnostic.envs import check_env_id
+
+    env_ids = list(dict.fromkeys(env_ids))
+    for env_id in env_ids:
+        try:
+            check_env_id(env_id)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    cfg = load_network_config(network_config, d_model)
+
+    import numpy as np
+    import torch
+
+    from rl_agnostic.envs import EnvSpec, make_env
+    from rl_agnostic.nn.agnostic import AgnosticActorCritic
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the demo shares the machine; one thread is plenty at this size
+    torch.manual_seed(seed)
+
+    runners: list[_Runner] = []
+    try:
+        for env_id in env_ids:
+            try:
+                env = make_env(env_id, num_envs=num_envs, seed=seed)
+            except Exception as exc:  # a registered env that cannot be built here (missing deps, ...)
+                raise CliError(f"cannot build {env_id}: {type(exc).__name__}: {exc}") from None
+            runners.append(_Runner(env_id, None, env))
+            try:
+                runners[-1].spec = EnvSpec.from_spaces(
+                    env_id, env.single_observation_space, env.single_action_space)
+            except (TypeError, ValueError) as exc:
+                raise CliError(str(exc)) from None
+
+        plural = "s" if len(runners) != 1 else ""
+        say(f"rl-agnostic demo: one agnostic actor-critic acting in {len(runners)} environment"
+            f"{plural} ({num_envs} copies each, {steps} steps per env)")
+        say(f"network: d_model={cfg.d_model} s4_layers={cfg.s4_layers} "
+            f"transformer_layers={cfg.transformer_layers} mlp_depth={cfg.mlp_depth} "
+            f"embedding={cfg.embedding}"
+            + (f"  (from {network_config})" if network_config else ""))
+        net = AgnosticActorCritic(cfg).eval()
+        n_params = sum(p.numel() for p in net.parameters())
+        for r in runners:
+            net.add_env(r.spec)
+            r.obs, _ = r.env.reset()
+            r.running = np.zeros(num_envs, dtype=np.float64)
+            r.autoreset = np.zeros(num_envs, dtype=bool)
+        n_params_after = sum(p.numel() for p in net.parameters())
+        say(f"parameters: {n_params_after:,}: the same network for all {len(runners)} env"
+            f"{plural} (registering them added {n_params_after - n_params:,})")
+        say()
+
+        width = max(len(r.env_id) for r in runners)
+        log_every = log_every or max(1, steps // 4)
+        wall = time.perf_counter()
+        with torch.inference_mode():
+            for step in range(1, steps + 1):
+                for r in runners:  # round-robin: every env advances together
+                    _act(net, r, torch, np)
+                if step % log_every == 0 or step == steps:
+                    for r in runners:
+                        say(f"{r.env_id:<{width}}  obs {r.spec.obs_dim:>3}  "
+                            f"{r.action_text():<18} step {r.steps:>{len(str(steps))}}/{steps}  "
+                            f"{r.rate:>8,.0f} env-steps/s  return {r.return_text()}")
+                    say()
+        wall = time.perf_counter() - wall
+    finally:
+        for r in runners:
+            r.env.close()
+        torch.set_num_threads(threads)
+
+    header = (f"{'env':<{width}}  {'obs':>3}  {'action':<18} {'env-steps':>9}  "
+              f"{'env-steps/s':>11}  {'episodes':>8}  {'mean return':>11}")
+    say(header)
+    say("-" * len(header))
+    for r in runners:
+        mean = f"{r.mean_return:11.1f}" if r.episode_returns else f"{'—':>11}"
+        say(f"{r.env_id:<{width}}  {r.spec.obs_dim:>3}  {r.action_text():<18} {r.env_steps:>9,}  "
+            f"{r.rate:>11,.0f}  {len(r.episode_returns):>8}  {mean}")
+    total = sum(r.env_steps for r in runners)
+    say(f"\n{total:,} env-steps in {wall:.1f} s with one network of {n_params_after:,} parameters "
+        f"(policy sampled in eval mode, continuous actions clipped to the action bounds).")
+    say("The network is untrained, so these are the returns of an untrained policy: training "
+        "arrives with the online trainer (DD-PPO on RLlib), offline DD-IQL after it.")
+    return runners
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rl-agnostic",
+        description="One shape-agnostic RL agent for many heterogeneous environments.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="act with one untrained agnostic network in several envs of different shapes",
+        description=(
+            "Build ONE agnostic actor-critic and act with it (eval mode, no training) in several "
+            "real environments of different observation/action shapes at once, each as a small "
+            "vector env. Gymnasium ids as is (CartPole-v1), envpool ids with the prefix "
+            "'envpool:' (envpool:HalfCheetah-v4). Training arrives with the online trainer."
+        ),
+    )
+    demo.add_argument("--envs", nargs="+", default=list(DEFAULT_DEMO_ENVS), metavar="ID",
+                      help="environment ids (default: %(default)s)")
+    demo.add_argument("--steps", type=_positive_int, default=1000, metavar="N",
+                      help="vector steps per environment (default: %(default)s)")
+    demo.add_argument("--num-envs", type=_positive_int, default=4, metavar="K",
+                      help="copies of each environment in its vector env (default: %(default)s)")
+    demo.add_argument("--d-model", type=_positive_int, default=None, metavar="H",
+                      help="network width (default: 64, or the network config file's)")
+    demo.add_argument("--network-config", default=None, metavar="FILE.yaml",
+                      help="network config section, e.g. tune_configs/network_cpu.yaml")
+    demo.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default: 0)")
+    demo.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
+                      help="print progress every N steps (default: steps/4)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            run_demo(args.envs, steps=args.steps, num_envs=args.num_envs, d_model=args.d_model,
+                     network_config=args.network_config, seed=args.seed,
+                     log_every=args.log_every)
+    except CliError as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
