@@ -9,14 +9,22 @@ activation="gelu", batch_first=True)`` (the paper's layer):
 
 but with one fused QKV projection and ``scaled_dot_product_attention`` (flash kernel on CPU and
 GPU: memory O(B·L·H) instead of O(B·L²), no softmax matrix kept for backward when attention
-dropout is off), and none of the generic module's argument checking per call.
+dropout is off), and none of the generic module's argument checking per call. Acting (eval mode, no autograd) runs
+the whole layer as torch's one native fused op, the one ``nn.TransformerEncoderLayer`` uses for its
+inference fast path.
 ``to_reference`` builds the plain torch layer with the same weights (used by the tests).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rl_agnostic.nn.dropout import dropout
+
+
+_FUSED_INFERENCE = hasattr(torch, "_transformer_encoder_layer_fwd")
 
 
 class TransformerLayer(nn.Module):
@@ -37,15 +45,33 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, H) → (B, L, H)."""
+        if not self.training and not torch.is_grad_enabled() and _FUSED_INFERENCE:
+            return self._fused_inference(x)
         b, length, h = x.shape
         p = self.dropout if self.training else 0.0
         qkv = self.in_proj(x).view(b, length, 3, self.n_heads, h // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d_head)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        if p > 0.0 and x.device.type == "cpu":
+            # Fused CPU kernels have no dropout; torch's fallback draws its mask 3x slower.
+            w = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+            a = dropout(w, p, True) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         a = a.transpose(1, 2).reshape(b, length, h)
-        x = self.norm1(x + F.dropout(self.out_proj(a), p, self.training))
-        f = self.linear2(F.dropout(F.gelu(self.linear1(x)), p, self.training))
-        return self.norm2(x + F.dropout(f, p, self.training))
+        x = self.norm1(x + dropout(self.out_proj(a), p, self.training))
+        f = self.linear2(dropout(F.gelu(self.linear1(x)), p, self.training))
+        return self.norm2(x + dropout(f, p, self.training))
+
+    def _fused_inference(self, x: Tensor) -> Tensor:
+        # The native kernel behind nn.TransformerEncoderLayer's inference fast path: the whole
+        # layer in one call, the same math as the training path.
+        return torch._transformer_encoder_layer_fwd(
+            x, self.in_proj.in_features, self.n_heads,
+            self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias,
+            True, False, self.norm1.eps, self.norm1.weight, self.norm1.bias,
+            self.norm2.weight, self.norm2.bias, self.linear1.weight, self.linear1.bias,
+            self.linear2.weight, self.linear2.bias, None, None,
+        )
 
     def to_reference(self) -> nn.TransformerEncoderLayer:
         """The stock torch layer carrying these weights."""
