@@ -21,7 +21,8 @@ install-test:
 	$(PIP_INSTALL) -e '.[test]'
 
 demo: install
-	"$(SCRIPTS)/rl-agnostic" demo $(DEMO_ARGS)
+	@echo "rl-agnostic demo $(DEMO_ARGS)"
+	@"$(SCRIPTS)/rl-agnostic" demo $(DEMO_ARGS)
 
 # pytest exit 5 means it collected no test: say so loudly and pass; any other failure fails.
 test: install-test

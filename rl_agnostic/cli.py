@@ -144,7 +144,7 @@ def _act(net, runner: _Runner, torch, np) -> None:
 
 def run_demo(
     env_ids: Sequence[str] = DEFAULT_DEMO_ENVS,
-    steps: int = 1000,
+    steps: int = 500,
     num_envs: int = 4,
     d_model: int | None = None,
     network_config: str | None = None,
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--envs", nargs="+", default=list(DEFAULT_DEMO_ENVS), metavar="ID",
                       help="environment ids (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=1000, metavar="N",
+    demo.add_argument("--steps", type=_positive_int, default=500, metavar="N",
                       help="vector steps per environment (default: %(default)s)")
     demo.add_argument("--num-envs", type=_positive_int, default=4, metavar="K",
                       help="copies of each environment in its vector env (default: %(default)s)")
