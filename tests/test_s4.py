@@ -58,7 +58,7 @@ def step_outputs(layer: S4Layer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 @pytest.mark.parametrize("init", ["legs", "lin"])
 @pytest.mark.parametrize(("path", "length"),
-                         [("toeplitz", 1), ("toeplitz", 11), ("fft", 11), ("fft", 70)])
+                         [("toeplitz", 1), ("toeplitz", 11), ("fft", 5), ("fft", 11), ("fft", 70)])
 def test_convolution_equals_step_recurrence(discretization, init, path, length, monkeypatch):
     force_conv_path(monkeypatch, path)
     layer = make_layer(discretization, init)
@@ -193,6 +193,43 @@ def test_causal_conv_paths_agree_with_naive_loop(length, monkeypatch):
         assert y.shape == u.shape
         torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(toeplitz, fft, atol=1e-4, rtol=1e-4)
+
+
+def test_fft_path_is_exact_for_every_length(monkeypatch):
+    """The FFT convolution must not depend on which FFT size the length rounds up to (some
+    lengths get odd 3^a·5^b sizes, e.g. L = 5 → 9, L = 65 → 135)."""
+    bad = []
+    for length in range(1, 90):
+        u = torch.randn(1, length, 2, dtype=torch.float64)
+        kernel = torch.randn(2, length, dtype=torch.float64)
+        force_conv_path(monkeypatch, "toeplitz")
+        ref = causal_conv(u, kernel)
+        force_conv_path(monkeypatch, "fft")
+        try:
+            ok = torch.allclose(causal_conv(u, kernel), ref, atol=1e-8)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            bad.append(length)
+    assert not bad, f"FFT convolution wrong for lengths {bad}"
+
+
+def test_default_routing_is_exact_past_the_threshold():
+    """Lengths just past TOEPLITZ_MAX_LEN (FFT path by default) give the same convolution."""
+    start = toeplitz_max() + 1
+    bad = []
+    for length in range(start, start + 90):
+        u = torch.randn(1, length, 2, dtype=torch.float64)
+        kernel = torch.randn(2, length, dtype=torch.float64)
+        y = causal_conv(u, kernel)
+        # Toeplitz reference built directly: T[i, j] = K[i - j] for j <= i
+        idx = torch.arange(length)
+        lag = idx[:, None] - idx[None, :]
+        toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)
+        ref = torch.einsum("hij,bjh->bih", toeplitz, u)
+        if not torch.allclose(y, ref, atol=1e-8):
+            bad.append(length)
+    assert not bad, f"default causal_conv wrong for lengths {bad}"
 
 
 @pytest.mark.parametrize("offset", [0, 1])

@@ -1,0 +1,145 @@
+"""Optimizer parameter groups and the Adam factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _reference import randomize_norms
+from rl_agnostic.nn import AgnosticActorCritic, AgnosticTwinQ, EnvSpec, NetworkConfig, build_actor_critic
+from rl_agnostic.nn.optim import make_optimizer, param_groups
+from rl_agnostic.nn.s4 import S4DKernel
+
+CFG = NetworkConfig(d_model=16, dropout=0.0)
+CARTPOLE = EnvSpec("CartPole-v1", 4, "discrete", 2)
+HOPPER = EnvSpec("Hopper-v4", 11, "continuous", 3, (-1.0,) * 3, (1.0,) * 3)
+
+
+def ssm_params(model: torch.nn.Module) -> set[int]:
+    return {id(getattr(m, name)) for m in model.modules() if isinstance(m, S4DKernel)
+            for name in S4DKernel.SSM_PARAMETERS}
+
+
+def check_partition(model: torch.nn.Module, groups: list[dict]) -> dict[str, list]:
+    by_name = {g["name"]: g["params"] for g in groups}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)), "a parameter is in two groups"
+    assert set(ids) == {id(p) for p in model.parameters()}, "groups do not cover the model"
+    assert all(g["params"] for g in groups), "empty group"
+    return by_name
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_groups_partition_agnostic_parameters(shared):
+    model = AgnosticActorCritic(CFG.replace(shared_encoder=shared))
+    groups = param_groups(model, actor_lr=1e-4, critic_lr=2e-4, ssm_lr=3e-3, weight_decay=0.01)
+    by_name = check_partition(model, groups)
+    assert [g["name"] for g in groups] == ["actor", "critic", "ssm"]
+    assert {id(p) for p in by_name["ssm"]} == ssm_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in by_name["critic"]:
+        assert names[id(p)].startswith(("critic", "value"))
+    for p in by_name["actor"]:
+        assert not names[id(p)].startswith(("critic", "value"))
+    # the non-state-space S4 parameters (C, D) stay with their network
+    c_ids = {id(m.C) for m in model.modules() if isinstance(m, S4DKernel)}
+    assert c_ids.isdisjoint({id(p) for p in by_name["ssm"]})
+    settings = {g["name"]: (g["lr"], g["weight_decay"]) for g in groups}
+    assert settings == {"actor": (1e-4, 0.01), "critic": (2e-4, 0.01), "ssm": (3e-3, 0.0)}
+
+
+def test_ssm_group_includes_critic_kernels():
+    model = AgnosticActorCritic(CFG)
+    ssm = {id(p) for p in param_groups(model)[2]["params"]}
+    critic_kernel = model.critic_trunk.encoder.block.layers[0].kernel
+    assert id(critic_kernel.log_dt) in ssm and id(model.value_decoder.block.layers[0].kernel.B) in ssm
+
+
+@pytest.mark.parametrize("kind", ["specific", "padded", "single"])
+def test_baselines_have_no_ssm_group(kind):
+    model = build_actor_critic(kind, CFG, [HOPPER] if kind == "single" else [CARTPOLE, HOPPER])
+    groups = param_groups(model)
+    check_partition(model, groups)
+    assert [g["name"] for g in groups] == ["actor", "critic"]
+
+
+def test_q_networks_have_actor_and_ssm_groups_only():
+    model = AgnosticTwinQ(CFG)
+    groups = param_groups(model)
+    check_partition(model, groups)
+    assert [g["name"] for g in groups] == ["actor", "ssm"]
+
+
+def test_bigru_network_has_no_ssm_group():
+    model = AgnosticActorCritic(CFG.replace(embedding="bigru"))
+    assert [g["name"] for g in param_groups(model)] == ["actor", "critic"]
+
+
+def ppo_like_loss(model: AgnosticActorCritic) -> torch.Tensor:
+    loss = 0.0
+    for spec in (CARTPOLE, HOPPER):
+        obs = torch.randn(16, spec.obs_dim)
+        dist, value = model.actor_critic(obs, spec)
+        loss = loss + dist.square().mean() + (value - 1.0).square().mean()
+    return loss
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_optimizer_step_updates_every_group(fused):
+    torch.manual_seed(0)
+    model = randomize_norms(AgnosticActorCritic(CFG))  # off the init point (see test_agnostic)
+    opt = make_optimizer(model, weight_decay=0.0, fused=fused)
+    assert isinstance(opt, torch.optim.Adam)
+    assert [g["name"] for g in opt.param_groups] == ["actor", "critic", "ssm"]
+    assert [g["lr"] for g in opt.param_groups] == [3e-4, 5e-4, 1e-3]
+    if fused is None:
+        assert opt.defaults.get("fused")  # CPU supports the fused kernel in torch >= 2.4
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    ppo_like_loss(model).backward()
+    opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        changed = [names[id(p)] for p in group["params"]
+                   if not torch.equal(p.detach(), before[names[id(p)]])]
+        assert changed, f"no parameter of group {group['name']} changed"
+    for kernel in (m for m in model.modules() if isinstance(m, S4DKernel)):
+        assert not torch.equal(kernel.log_dt.detach(), before[names[id(kernel.log_dt)]])
+    # an Adam step moves each ssm parameter by at most ~lr per element
+    for p in opt.param_groups[2]["params"]:
+        assert (p.detach() - before[names[id(p)]]).abs().max() <= 1e-3 * 1.01
+
+
+def test_acting_after_optimizer_step_uses_the_new_parameters():
+    """The outputs under no_grad (acting) after a step equal those computed with autograd on."""
+    torch.manual_seed(0)
+    model = randomize_norms(AgnosticActorCritic(CFG)).eval()
+    opt = make_optimizer(model, actor_lr=0.05, critic_lr=0.05, ssm_lr=0.05)
+    obs = torch.randn(4, HOPPER.obs_dim)
+    with torch.no_grad():
+        model.actor(obs, HOPPER)  # acting before the update
+    for _ in range(2):
+        opt.zero_grad()
+        ppo_like_loss(model).backward()
+        opt.step()
+    with torch.no_grad():
+        acting = model.actor(obs, HOPPER)
+    training = model.actor(obs, HOPPER).detach()
+    torch.testing.assert_close(acting, training, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_fused_false_gives_default_adam():
+    opt = make_optimizer(AgnosticActorCritic(CFG), fused=False)
+    assert not opt.defaults.get("fused")
+
+
+def test_optimizer_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = AgnosticActorCritic(CFG)
+    opt = make_optimizer(model)
+    ppo_like_loss(model).backward()
+    opt.step()
+    opt2 = make_optimizer(model)
+    opt2.load_state_dict(opt.state_dict())
+    assert [g["name"] for g in opt2.param_groups] == ["actor", "critic", "ssm"]
+    assert len(opt2.state) == len(opt.state)
