@@ -59,6 +59,6 @@ def test_agnostic_actor_critic_equals_reference_path(spec, n_heads):
     assert dist.shape == dist_ref.shape == (3, width)
     assert value.shape == value_ref.shape == (3,)
     # the comparison must not be trivial: outputs vary across the batch
-    assert dist_ref[:, : spec.action_dim].std(0).max() > 1e-3
+    assert dist_ref[:, : spec.action_dim].std(0).max() > 1e-4
     torch.testing.assert_close(dist.double(), dist_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(value.double(), value_ref, atol=1e-5, rtol=1e-5)
