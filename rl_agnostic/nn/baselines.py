@@ -69,9 +69,6 @@ class _BaselineActorCritic(ActorCritic):
             )
         self._check_obs(obs, spec)
 
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
-
 
 class SingleEnvActorCritic(_BaselineActorCritic):
     """Single-Env Agent: residual-MLP policy and value networks for exactly one environment."""
