@@ -29,12 +29,15 @@ class ContextCache:
 
     def __init__(self, identity_dim: int) -> None:
         self.identity_dim = identity_dim
-        self._cache: dict[tuple[EnvSpec, torch.device], Tensor] = {}
+        self._cache: dict[tuple[EnvSpec, torch.device, torch.dtype], Tensor] = {}
 
-    def __call__(self, spec: EnvSpec, device: torch.device) -> Tensor:
-        key = (spec, device)
+    def __call__(self, spec: EnvSpec, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (spec, device, dtype)
         if key not in self._cache:
-            self._cache[key] = context_features(spec, self.identity_dim).to(device)
+            # A normal tensor even when first asked for under inference_mode (acting), so that
+            # later training forwards can save it for backward.
+            with torch.inference_mode(False):
+                self._cache[key] = context_features(spec, self.identity_dim).to(device, dtype)
         return self._cache[key]
 
 
@@ -79,18 +82,18 @@ class AgnosticActorCritic(ActorCritic):
 
     def actor(self, obs: Tensor, spec: EnvSpec) -> Tensor:
         self._check_obs(obs, spec)
-        return self._heads(self.actor_trunk(obs, self._contexts(spec, obs.device)), spec)
+        return self._heads(self.actor_trunk(obs, self._contexts(spec, obs.device, obs.dtype)), spec)
 
     def value(self, obs: Tensor, spec: EnvSpec) -> Tensor:
         self._check_obs(obs, spec)
-        h = self.critic_trunk(obs, self._contexts(spec, obs.device))
+        h = self.critic_trunk(obs, self._contexts(spec, obs.device, obs.dtype))
         return self.value_decoder(h, 1).squeeze(-1)
 
     def actor_critic(self, obs: Tensor, spec: EnvSpec) -> tuple[Tensor, Tensor]:
         if not self.cfg.shared_encoder:
             return super().actor_critic(obs, spec)
         self._check_obs(obs, spec)
-        ctx = self._contexts(spec, obs.device)
+        ctx = self._contexts(spec, obs.device, obs.dtype)
         enc = self.actor_trunk.encoder(obs)
         dist = self._heads(self.actor_trunk(obs, ctx, encoded=enc), spec)
         value = self.value_decoder(self.critic_trunk(obs, ctx, encoded=enc), 1).squeeze(-1)
@@ -115,7 +118,7 @@ class AgnosticQ(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> Tensor:
         sa = torch.cat([obs, action_features(actions, spec)], dim=-1)
-        return self.decoder(self.trunk(sa, self._contexts(spec, obs.device)), 1).squeeze(-1)
+        return self.decoder(self.trunk(sa, self._contexts(spec, obs.device, obs.dtype)), 1).squeeze(-1)
 
 
 class AgnosticTwinQ(nn.Module):

@@ -193,7 +193,7 @@ class PaddedActorCritic(_BaselineActorCritic):
     def _inputs(self, obs: Tensor, spec: EnvSpec) -> Tensor:
         self._require(obs, spec)
         padded = F.pad(obs, (0, self.max_obs_dim - spec.obs_dim))
-        ctx = self._contexts(spec, obs.device).to(padded.dtype).expand(obs.shape[0], -1)
+        ctx = self._contexts(spec, obs.device, padded.dtype).expand(obs.shape[0], -1)
         return torch.cat([padded, ctx], dim=-1)
 
     def actor(self, obs: Tensor, spec: EnvSpec) -> Tensor:

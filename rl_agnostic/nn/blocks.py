@@ -95,6 +95,12 @@ class Decoder(nn.Module):
         self.d_model = cfg.d_model
         self.block = SequenceBlock(cfg)
         self._pe: dict[tuple[int, torch.device], Tensor] = {}
+        # The output is the mean over H of a LayerNorm's output: with the default weight 1 that
+        # is exactly the mean bias, for every input, and no gradient reaches any earlier layer
+        # until the weight has moved. A spread-out weight makes the decoder start as a function
+        # of its input, with outputs of std ~0.5/sqrt(H) (small logits, values near 0).
+        final_norm = [m for m in self.block.modules() if isinstance(m, nn.LayerNorm)][-1]
+        nn.init.normal_(final_norm.weight, 1.0, 0.5)
 
     def positional(self, length: int, device: torch.device) -> Tensor:
         key = (length, device)

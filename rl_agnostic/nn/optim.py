@@ -59,27 +59,14 @@ def make_optimizer(
     **adam_kwargs,
 ) -> torch.optim.Adam:
     """Adam over `param_groups`. ``fused=None`` tries the fused kernel (CPU and CUDA in
-    torch ≥ 2.4) and falls back to the default implementation where it is unsupported.
-
-    The fused kernel updates parameters without bumping their autograd version counters, which
-    caches keyed on ``Tensor._version`` (`S4DKernel`'s acting kernel) rely on to see an update; a
-    step post-hook bumps them after every fused step.
-    """
+    torch ≥ 2.4) and falls back to the default implementation where it is unsupported."""
     groups = param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay)
-    if fused is False or (fused is None and not hasattr(torch.autograd.graph, "increment_version")):
+    if fused is False:
         return torch.optim.Adam(groups, **adam_kwargs)
     try:
-        opt = torch.optim.Adam(groups, fused=True, **adam_kwargs)
+        return torch.optim.Adam(groups, fused=True, **adam_kwargs)
     except (RuntimeError, TypeError, ValueError):
         if fused:  # explicitly requested: do not hide that it is unavailable
             raise
         return torch.optim.Adam(param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay),
                                 **adam_kwargs)
-    opt.register_step_post_hook(_bump_param_versions)
-    return opt
-
-
-def _bump_param_versions(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Step post-hook: mark every parameter as modified in place (metadata only, no copy)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.autograd.graph.increment_version(params)

@@ -144,7 +144,7 @@ def apply_conv(u: Tensor, operator: Tensor) -> Tensor:
     length = u.shape[1]
     if not operator.is_complex():
         return torch.bmm(operator, u.permute(2, 1, 0).contiguous()).permute(2, 1, 0)
-    n_fft = 2 * (operator.shape[0] - 1)
+    n_fft = _fast_fft_size(2 * length - 1)
     u_f = torch.fft.rfft(u, n=n_fft, dim=1)
     return torch.fft.irfft(u_f * operator, n=n_fft, dim=1)[:, :length]
 
@@ -190,7 +190,7 @@ class S4Layer(nn.Module):
         self.output_linear = nn.Linear(d_model, 2 * d_model)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = dropout
-        self._cached: tuple[tuple, Tensor] | None = None
+        self._cached: tuple[tuple, list[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, H) → (B, L, H)."""
@@ -200,12 +200,18 @@ class S4Layer(nn.Module):
         """The convolution operator of K̄ with the skip D folded into lag 0 (y = K̄*u + Du)."""
         if torch.is_grad_enabled():
             return self._operator(length, device_type)
-        # Acting: the operator only changes with the parameters, so reuse it until they do.
-        params = (*self.kernel.parameters(), self.D)
-        key = (length, device_type, tuple((p.data_ptr(), p._version) for p in params))
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._operator(length, device_type))
-        return self._cached[1]
+        # Acting: the operator only changes with the parameters, so reuse it until they do. The
+        # check compares values (a few KB): version counters miss fused-optimizer steps and
+        # `.data` writes such as Polyak updates.
+        params = [*self.kernel.parameters(), self.D]
+        cached = self._cached
+        if (cached is None or cached[0] != (length, device_type)
+                or not all(torch.equal(p, c) for p, c in zip(params, cached[1]))):
+            with torch.inference_mode(False):
+                cached = ((length, device_type), [p.detach().clone() for p in params],
+                          self._operator(length, device_type))
+            self._cached = cached
+        return cached[2]
 
     def _operator(self, length: int, device_type: str) -> Tensor:
         kernel = self.kernel(length) + F.pad(self.D.unsqueeze(-1), (0, length - 1))
