@@ -143,10 +143,33 @@ def apply_conv(u: Tensor, operator: Tensor) -> Tensor:
     """Causal convolution of u (B, L, H) with the operator from `conv_operator` → (B, L, H)."""
     length = u.shape[1]
     if not operator.is_complex():
-        return torch.bmm(operator, u.permute(2, 1, 0).contiguous()).permute(2, 1, 0)
+        return _ToeplitzProduct.apply(u, operator)
     n_fft = _fast_fft_size(2 * length - 1)
     u_f = torch.fft.rfft(u, n=n_fft, dim=1)
     return torch.fft.irfft(u_f * operator, n=n_fft, dim=1)[:, :length]
+
+
+class _ToeplitzProduct(torch.autograd.Function):
+    """y[b, i, h] = Σ_j T[h, i, j] u[b, j, h] as one (H, L, L) @ (H, L, B) bmm.
+
+    Autograd's own bmm backward receives the gradient as a permuted (non-contiguous) view, for
+    which torch's CPU bmm falls back to one small copy and GEMM per channel; here the gradient
+    is made contiguous once and both backward products run batched.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, toeplitz: Tensor) -> Tensor:  # type: ignore[override]
+        u_t = u.permute(2, 1, 0).contiguous()  # (H, L, B)
+        ctx.save_for_backward(u_t, toeplitz)
+        return torch.bmm(toeplitz, u_t).permute(2, 1, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        u_t, toeplitz = ctx.saved_tensors
+        g_t = grad.permute(2, 1, 0).contiguous()  # (H, L, B)
+        grad_u = torch.bmm(toeplitz.transpose(1, 2), g_t).permute(2, 1, 0) if ctx.needs_input_grad[0] else None
+        grad_t = torch.bmm(g_t, u_t.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_t
 
 
 def causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
