@@ -4,8 +4,9 @@ For (obs, act) = CartPole (4, 2 discrete), HalfCheetah (17, 6), Humanoid (376, 1
 and 256 (paper layer counts, separate actor and critic, dropout 0.1 in training as in the paper):
 
 - PPO-style train samples/s at minibatch 512: actor log-prob + entropy + value, clipped PPO loss,
-  backward, grad-norm clip 0.5, Adam. Long observations are processed in micro-batches of at most
-  ``--max-tokens`` positions with gradient accumulation (same gradient, bounded memory).
+  backward, grad-norm clip 0.5, Adam. A minibatch is processed in micro-batches of at most
+  ``--max-activation`` (samples × observation length × d_model) with gradient accumulation: the
+  same gradient, with memory bounded for long observations (only Humanoid is split).
 - act latency at batch 8 and 64 (eval mode, actor forward + sampling, median of repeats),
 - peak RSS of a fresh process running that configuration,
 - analytic FLOPs per trained sample (`rl_agnostic.nn.flops`, counted as in shared/mfu.md) and
@@ -75,7 +76,7 @@ def matmul_gflops(seconds: float = 2.0) -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_tokens: int) -> dict:
+def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activation: int) -> dict:
     """Measure one configuration in this process (called in a fresh subprocess)."""
     import torch
 
@@ -96,7 +97,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_tokens: 
     old_logp = torch.randn(minibatch) * 0.1 - 1.0
     adv = torch.randn(minibatch)
     returns = torch.randn(minibatch)
-    chunk = max(1, min(minibatch, max_tokens // spec.obs_dim))
+    chunk = max(1, min(minibatch, max_activation // (spec.obs_dim * d_model)))
 
     def train_step() -> None:
         net.train()
@@ -247,13 +248,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d_model 64 only, 3 s per timing")
     parser.add_argument("--seconds", type=float, default=8.0, help="timing window per row")
     parser.add_argument("--minibatch", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=65536,
-                        help="max batch×obs positions per micro-batch (memory bound)")
+    parser.add_argument("--max-activation", type=int, default=2**21,
+                        help="max samples × obs length × d_model per micro-batch (memory bound)")
     parser.add_argument("--one", nargs=2, metavar=("D_MODEL", "ENV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
-        row = run_one(int(args.one[0]), args.one[1], args.minibatch, args.seconds, args.max_tokens)
+        row = run_one(int(args.one[0]), args.one[1], args.minibatch, args.seconds,
+                      args.max_activation)
         print("ROW " + json.dumps(row))
         return
 
@@ -266,7 +268,7 @@ def main() -> None:
     for d in d_models:
         for env in ENVS:
             cmd = [sys.executable, __file__, "--one", str(d), env, "--seconds", str(seconds),
-                   "--minibatch", str(args.minibatch), "--max-tokens", str(args.max_tokens)]
+                   "--minibatch", str(args.minibatch), "--max-activation", str(args.max_activation)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
             if out.returncode != 0 or not line:

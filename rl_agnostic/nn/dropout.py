@@ -43,6 +43,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Drop-in for ``F.dropout(x, p, training)``."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
+        # Under torch.compile, inductor generates its own fused RNG: keep the graph whole.
         return F.dropout(x, p, training)
     return _CpuDropout.apply(x, p)

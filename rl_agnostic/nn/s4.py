@@ -143,7 +143,9 @@ def apply_conv(u: Tensor, operator: Tensor) -> Tensor:
     """Causal convolution of u (B, L, H) with the operator from `conv_operator` → (B, L, H)."""
     length = u.shape[1]
     if not operator.is_complex():
-        return _ToeplitzProduct.apply(u, operator)
+        if torch.is_grad_enabled() and (u.requires_grad or operator.requires_grad):
+            return _ToeplitzProduct.apply(u, operator)
+        return torch.bmm(operator, u.permute(2, 1, 0).contiguous()).permute(2, 1, 0)
     n_fft = _fast_fft_size(2 * length - 1)
     u_f = torch.fft.rfft(u, n=n_fft, dim=1)
     return torch.fft.irfft(u_f * operator, n=n_fft, dim=1)[:, :length]
