@@ -83,6 +83,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     from rl_agnostic.nn import flops
     from rl_agnostic.nn.agnostic import AgnosticActorCritic
     from rl_agnostic.nn.config import NetworkConfig
+    from rl_agnostic.nn.s4 import shared_s4_operators
 
     torch.manual_seed(0)
     spec = make_spec(*ENVS[env])
@@ -102,15 +103,16 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     def train_step() -> None:
         net.train()
         opt.zero_grad(set_to_none=True)
-        for lo in range(0, minibatch, chunk):
-            sl = slice(lo, lo + chunk)
-            dist, value = net.actor_critic(obs[sl], spec)
-            logp = net.log_prob(spec, dist, actions[sl])
-            ratio = torch.exp(logp - old_logp[sl])
-            pg = -torch.min(ratio * adv[sl], ratio.clamp(0.8, 1.2) * adv[sl]).sum()
-            vf = 0.5 * (value - returns[sl]).square().sum()
-            ent = net.entropy(spec, dist).sum()
-            ((pg + vf - 0.0 * ent) / minibatch).backward()
+        with shared_s4_operators(net):  # S4 operators built once for all micro-batches
+            for lo in range(0, minibatch, chunk):
+                sl = slice(lo, lo + chunk)
+                dist, value = net.actor_critic(obs[sl], spec)
+                logp = net.log_prob(spec, dist, actions[sl])
+                ratio = torch.exp(logp - old_logp[sl])
+                pg = -torch.min(ratio * adv[sl], ratio.clamp(0.8, 1.2) * adv[sl]).sum()
+                vf = 0.5 * (value - returns[sl]).square().sum()
+                ent = net.entropy(spec, dist).sum()
+                ((pg + vf - 0.0 * ent) / minibatch).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
         opt.step()
 
