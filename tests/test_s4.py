@@ -320,3 +320,56 @@ def test_no_grad_output_follows_parameter_updates(update):
     training = layer(x).detach()
     assert not torch.allclose(before, training, atol=1e-4)
     torch.testing.assert_close(acting, training, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 17, 100, 376])
+def test_split_power_kernel_equals_direct_vandermonde(length):
+    torch.manual_seed(0)
+    kern = S4DKernel(H, N)
+    with torch.no_grad():
+        log_da, cb = kern.discrete()
+        pos = torch.arange(length, dtype=torch.float32)
+        direct = 2 * torch.einsum("hn,hnl->hl", cb, torch.exp(log_da.unsqueeze(-1) * pos)).real
+        got = kern(length)
+    assert got.shape == (H, length)
+    assert torch.allclose(got, direct, atol=1e-5 * direct.abs().max().item() + 1e-7)
+
+
+def test_shared_operators_give_the_same_gradients_as_recomputing():
+    torch.manual_seed(0)
+    spec_kwargs = dict(action_low=(-1.0,) * 3, action_high=(1.0,) * 3)
+    from rl_agnostic.envs.spec import EnvSpec
+
+    spec = EnvSpec("Hopper-v5", 11, "continuous", 3, **spec_kwargs)
+    net = AgnosticActorCritic(NetworkConfig(d_model=16, dropout=0.0), [spec])
+    obs, act = torch.randn(12, 11), torch.randn(12, 3)
+
+    def grads(shared: bool) -> dict[str, torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        ctx = s4.shared_s4_operators(net) if shared else torch.enable_grad()
+        with ctx:
+            for lo in range(0, 12, 4):
+                dist, value = net.actor_critic(obs[lo:lo + 4], spec)
+                (-net.log_prob(spec, dist, act[lo:lo + 4]).sum() + value.square().sum()).backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    plain, shared = grads(False), grads(True)
+    assert plain.keys() == shared.keys()
+    ssm = [n for n in plain if n.endswith(("kernel.log_dt", "kernel.B", "kernel.C", ".D"))]
+    assert ssm and all(plain[n].abs().sum() > 0 for n in ssm)
+    for name in plain:
+        scale = plain[name].abs().max().item() + 1e-12
+        assert (plain[name] - shared[name]).abs().max().item() <= 1e-5 * scale, name
+    # Leaving the block resets the layers: the next forward builds its operator afresh.
+    assert all(layer._shared is None for layer in net.modules() if isinstance(layer, S4Layer))
+
+
+def test_shared_operators_skip_the_parameter_backward_on_error():
+    layer = S4Layer(H, N)
+    x = torch.randn(2, 5, H)
+    with pytest.raises(RuntimeError, match="boom"):
+        with s4.shared_s4_operators(layer):
+            layer(x).sum().backward()
+            raise RuntimeError("boom")
+    assert layer._shared is None
+    assert layer.kernel.log_dt.grad is None  # the collected operator gradient was not applied
