@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.nn.config import NetworkConfig
-from rl_agnostic.nn.context import context_dim
 
 
 def linear(n_in: int, n_out: int, positions: int = 1) -> int:
@@ -34,9 +33,9 @@ def encoder(cfg: NetworkConfig, length: int) -> int:
 
 
 def middle(cfg: NetworkConfig) -> int:
+    """Residual MLP. The task-context projection runs once per batch, not per sample: 0."""
     depth = cfg.mlp_depth if cfg.mid_mlp else 0
-    res = depth * (linear(cfg.d_model, cfg.mlp_hidden) + linear(cfg.mlp_hidden, cfg.d_model))
-    return linear(context_dim(cfg.identity_dim), cfg.d_model) + res
+    return depth * (linear(cfg.d_model, cfg.mlp_hidden) + linear(cfg.mlp_hidden, cfg.d_model))
 
 
 def actor_critic_forward(cfg: NetworkConfig, spec: EnvSpec) -> int:
