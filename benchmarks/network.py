@@ -83,13 +83,14 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     from rl_agnostic.nn import flops
     from rl_agnostic.nn.agnostic import AgnosticActorCritic
     from rl_agnostic.nn.config import NetworkConfig
+    from rl_agnostic.nn.optim import make_optimizer
     from rl_agnostic.nn.s4 import shared_s4_operators
 
     torch.manual_seed(0)
     spec = make_spec(*ENVS[env])
     cfg = NetworkConfig(d_model=d_model)
     net = AgnosticActorCritic(cfg, [spec])
-    opt = torch.optim.Adam(net.parameters(), lr=3e-4, fused=True)
+    opt = make_optimizer(net)  # paper lrs: actor 3e-4, critic 5e-4; S4 group 1e-3
     obs = torch.randn(minibatch, spec.obs_dim)
     with torch.no_grad():
         dist = net.actor(obs[:8], spec)

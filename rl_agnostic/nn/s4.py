@@ -14,10 +14,10 @@ Unrolled over a sequence of length L this is a causal convolution (paper Eq. 7) 
 
     K̄_l = 2 Re( Σ_n C_n B̄_n Ā_n^l ),  l = 0 … L-1,       y = K̄ * u + D u,
 
-computed once per forward (a Vandermonde product, independent of the batch; cached between
-parameter updates when acting) and applied with an FFT of size ≥ 2L-1 — or, for the lengths where
-it is cheaper (observation vectors on CPU), as an explicit lower-triangular Toeplitz product.
-Both give the same numbers; ``step`` runs the same map one
+computed once per forward (independent of the batch; once per optimizer step under
+`shared_s4_operators`; reused between parameter updates when acting) and applied with an FFT of
+size ≥ 2L-1 — or, for the lengths where it is cheaper (observation vectors on CPU), as an explicit
+lower-triangular Toeplitz product. Both give the same numbers; ``step`` runs the same map one
 position at a time (x_k = Ā x_{k-1} + B̄ u_k) and is what the tests compare the convolution with.
 
 Initialization is HiPPO-based: ``legs`` takes the eigenvalues and eigenvector-projected B of the
