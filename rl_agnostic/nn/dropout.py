@@ -22,8 +22,9 @@ def keep_mask(shape: torch.Size, p: float) -> Tensor:
     seed = int(torch.randint(0, 2**62, (1,)).item())
     bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]
     # int32 view of uniform 32-bit words: P(bits < -2^31 + p·2^32) = p.
-    keep = torch.from_numpy(bits >= np.int32(round(-(2**31) + p * 2**32)))
-    return keep.to(torch.float32).mul_(1.0 / (1.0 - p)).view(shape)
+    keep = (bits >= np.int32(round(-(2**31) + p * 2**32))).view(np.uint8)
+    # uint8 → float32 is ~10x faster in torch than bool → float32.
+    return torch.from_numpy(keep).to(torch.float32).mul_(1.0 / (1.0 - p)).view(shape)
 
 
 class _CpuDropout(torch.autograd.Function):
