@@ -157,10 +157,15 @@ def apply_conv(u: Tensor, operator: Tensor) -> Tensor:
     if not operator.is_complex():
         if torch.is_grad_enabled() and (u.requires_grad or operator.requires_grad):
             return _ToeplitzProduct.apply(u, operator)
-        return torch.bmm(operator, u.permute(2, 1, 0).contiguous()).permute(2, 1, 0)
+        return _toeplitz_bmm(operator, u.permute(2, 1, 0).contiguous())
     n_fft = _fast_fft_size(2 * length - 1)
     u_f = torch.fft.rfft(u, n=n_fft, dim=1)
     return torch.fft.irfft(u_f * operator, n=n_fft, dim=1)[:, :length]
+
+
+def _toeplitz_bmm(toeplitz: Tensor, u_t: Tensor) -> Tensor:
+    """T (H, L, L) @ u_t (H, L, B), returned as a (B, L, H) view."""
+    return torch.bmm(toeplitz, u_t).permute(2, 1, 0)
 
 
 class _ToeplitzProduct(torch.autograd.Function):
@@ -175,14 +180,17 @@ class _ToeplitzProduct(torch.autograd.Function):
     def forward(ctx, u: Tensor, toeplitz: Tensor) -> Tensor:  # type: ignore[override]
         u_t = u.permute(2, 1, 0).contiguous()  # (H, L, B)
         ctx.save_for_backward(u_t, toeplitz)
-        return torch.bmm(toeplitz, u_t).permute(2, 1, 0)
+        return _toeplitz_bmm(toeplitz, u_t)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         u_t, toeplitz = ctx.saved_tensors
         g_t = grad.permute(2, 1, 0).contiguous()  # (H, L, B)
-        grad_u = torch.bmm(toeplitz.transpose(1, 2), g_t).permute(2, 1, 0) if ctx.needs_input_grad[0] else None
-        grad_t = torch.bmm(g_t, u_t.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        grad_u = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_u = _toeplitz_bmm(toeplitz.transpose(1, 2), g_t)
+        if ctx.needs_input_grad[1]:
+            grad_t = torch.bmm(g_t, u_t.transpose(1, 2))
         return grad_u, grad_t
 
 

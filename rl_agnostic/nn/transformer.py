@@ -9,9 +9,9 @@ activation="gelu", batch_first=True)`` (the paper's layer):
 
 but with one fused QKV projection and ``scaled_dot_product_attention`` (flash kernel on CPU and
 GPU: memory O(B·L·H) instead of O(B·L²), no softmax matrix kept for backward when attention
-dropout is off), and none of the generic module's argument checking per call. Acting (eval mode, no autograd) runs
-the whole layer as torch's one native fused op, the one ``nn.TransformerEncoderLayer`` uses for its
-inference fast path.
+dropout is off), and none of the generic module's argument checking per call. Acting (eval mode,
+no autograd) runs the whole layer as torch's one native fused op, the one
+``nn.TransformerEncoderLayer`` uses for its inference fast path.
 ``to_reference`` builds the plain torch layer with the same weights (used by the tests).
 """
 
