@@ -1,11 +1,13 @@
 """The ``rl-agnostic`` command.
 
+    rl-agnostic train CONFIG.yaml [--stop-env-steps N] [--resume] [--init-from CKPT]
+    rl-agnostic evaluate CKPT --env ID [--episodes N]
     rl-agnostic demo [--envs ID ...] [--steps N] [--num-envs K] [--d-model H]
                      [--network-config FILE.yaml] [--seed S]
 
-``demo`` builds ONE agnostic actor-critic and lets it act in several environments of different
-observation and action shapes at once. The network is untrained: training arrives with the online
-(DD-PPO on RLlib) and offline (DD-IQL) trainers.
+``train`` runs DD-PPO over every env type of the config on RLlib (a local Ray started here, or the
+cluster of ``RAY_ADDRESS``). ``evaluate`` acts deterministically with a checkpoint's policy.
+``demo`` lets ONE untrained agnostic actor-critic act in several envs of different shapes.
 """
 
 from __future__ import annotations
@@ -291,14 +293,69 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default: 0)")
     demo.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
                       help="print progress every N steps (default: steps/4)")
+    train = sub.add_parser(
+        "train", help="train one agent on every env type of a config (DD-PPO on RLlib)",
+        description="Online multi-env PPO. CONFIG.yaml: see tune_configs/quickstart.yaml. Starts "
+                    "a local Ray unless RAY_ADDRESS names a cluster.")
+    train.add_argument("config", metavar="CONFIG.yaml")
+    train.add_argument("--stop-env-steps", type=_positive_int, default=None, metavar="N",
+                       help="env steps PER ENV TYPE to train for (default: run.env_steps_per_env)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run directory's latest checkpoint")
+    train.add_argument("--init-from", default=None, metavar="CKPT",
+                       help="start from the weights of a checkpoint (or run directory) of "
+                            "another run, e.g. to transfer to new env types")
+    train.add_argument("--output-dir", default=None, metavar="DIR",
+                       help="parent of the run directory (default: run.output_dir)")
+    ev = sub.add_parser("evaluate", help="deterministic episodes with a checkpoint's policy")
+    ev.add_argument("checkpoint", metavar="CKPT", help="checkpoint or run directory")
+    ev.add_argument("--env", required=True, action="append", metavar="ID",
+                    help="env id (repeatable)")
+    ev.add_argument("--episodes", type=_positive_int, default=10, metavar="N")
+    ev.add_argument("--seed", type=int, default=12345, metavar="S")
+    ev.add_argument("--stochastic", action="store_true", help="sample actions instead")
     return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from rl_agnostic.online.config import ConfigError, load_train_config
+    from rl_agnostic.online.trainer import train
+
+    try:
+        cfg = load_train_config(args.config)
+        if args.output_dir:
+            cfg = cfg.replace(run={"output_dir": args.output_dir})
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        train(cfg, stop_env_steps=args.stop_env_steps, resume=args.resume,
+              init_from=args.init_from)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from rl_agnostic.online.agent import evaluate
+
+    for env_id in args.env:
+        try:
+            out = evaluate(args.checkpoint, env_id, args.episodes, args.seed,
+                           deterministic=not args.stochastic)
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        print(f"{env_id}: return {out['mean']:.2f} ± {out['std']:.2f} over "
+              f"{out['episodes']} episodes", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
+        if args.command == "train":
+            run_train(args)
+        elif args.command == "evaluate":
+            run_evaluate(args)
+        elif args.command == "demo":
             run_demo(args.envs, steps=args.steps, num_envs=args.num_envs, d_model=args.d_model,
                      network_config=args.network_config, seed=args.seed,
                      log_every=args.log_every)

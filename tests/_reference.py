@@ -108,7 +108,7 @@ def encoder_reference(encoder: nn.Module, x: Tensor) -> Tensor:
 
 def decoder_reference(decoder: nn.Module, h: Tensor, out_len: int) -> Tensor:
     z = h.double().unsqueeze(1) + sinusoid_reference(out_len, h.shape[-1])
-    return sequence_block_reference(decoder.block, z).mean(dim=-1)
+    return sequence_block_reference(decoder.block, z).sum(dim=-1) * decoder.pool_scale
 
 
 def trunk_reference(trunk: nn.Module, x: Tensor, spec: EnvSpec, identity_dim: int) -> Tensor:

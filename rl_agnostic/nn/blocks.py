@@ -4,7 +4,7 @@ Shapes: B batch, I input length, O output length, H = d_model.
 
     Encoder   (B, I) ─lift→ (B, I, H) ─embedding stack→ ─Transformer stack→ ─mean over I→ (B, H)
     Decoder   (B, H) ─repeat O×, + sinusoidal PE→ (B, O, H) ─embedding stack→ ─Transformer→
-              ─mean over H→ (B, O)
+              ─pool over H→ (B, O)   (mean, or Σ/√H: NetworkConfig.decoder_pool)
     Middle    (B, H) + context (B|1, H) ─residual MLP→ (B, H)
 
 Every scalar of the observation is one sequence position; the lift is one shared Linear(1, H), so
@@ -94,6 +94,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.d_model = cfg.d_model
         self.block = SequenceBlock(cfg)
+        self.pool_scale = 1.0 / (cfg.d_model if cfg.decoder_pool == "mean" else cfg.d_model ** 0.5)
         self._pe: dict[tuple[int, torch.device], Tensor] = {}
         # The output is the mean over H of a LayerNorm's output: with the default weight 1 that
         # is exactly the mean bias, for every input, and no gradient reaches any earlier layer
@@ -112,7 +113,7 @@ class Decoder(nn.Module):
         if out_len < 1:
             raise ValueError(f"decoder output length must be >= 1, got {out_len}")
         z = h.unsqueeze(1) + self.positional(out_len, h.device)
-        return self.block(z).mean(dim=-1)
+        return self.block(z).sum(dim=-1) * self.pool_scale
 
 
 class ResidualBlock(nn.Module):

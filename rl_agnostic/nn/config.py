@@ -13,11 +13,13 @@ from typing import Any, Literal
 Embedding = Literal["s4", "bigru"]
 Discretization = Literal["bilinear", "zoh"]
 S4Init = Literal["legs", "lin"]
+DecoderPool = Literal["mean", "scaled_sum"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "embedding": ("s4", "bigru"),
     "discretization": ("bilinear", "zoh"),
     "s4_init": ("legs", "lin"),
+    "decoder_pool": ("mean", "scaled_sum"),
 }
 
 
@@ -69,6 +71,13 @@ class NetworkConfig:
     """Upper bound of the Gaussian policy's state-dependent log standard deviation."""
     identity_dim: int = 16
     """Length of the fixed hashed identity code of an environment in the task context."""
+    decoder_pool: DecoderPool = "scaled_sum"
+    """How a decoder reduces (B, O, H) to (B, O). ``mean``: the paper's average over H. Its
+    output is the mean of a LayerNorm's output, so |output − mean bias| ≤ std of the LayerNorm
+    weight (≈ 0.5): logit gaps of ~1 and values of ~±0.5 until that weight has drifted by O(1),
+    thousands of Adam steps. ``scaled_sum``: Σ_H / √H, the same layer √H times wider in range and
+    √H times faster to move — what lets PPO reach a near-deterministic policy and fit values
+    within CPU-scale budgets."""
 
     def __post_init__(self) -> None:
         # Table 2b ties every width to d_model (all 256); an unset width follows d_model.

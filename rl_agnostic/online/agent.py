@@ -1,0 +1,103 @@
+"""A trained policy outside Ray: load a checkpoint's ``policy.pt`` and act in any of its envs (or
+a new one, for the agnostic network), with the run's per-env observation normalization and the
+same action mapping as RLlib's env runners (continuous actions live in [-1, 1] and are mapped to
+the env's bounds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rl_agnostic.envs.spec import EnvSpec
+from rl_agnostic.nn import ActorCritic, NetworkConfig, build_actor_critic
+from rl_agnostic.online.normalize import RunningMeanStd
+
+
+@dataclass
+class Agent:
+    network: ActorCritic
+    kind: str
+    specs: dict[str, EnvSpec]
+    obs_stats: dict[str, RunningMeanStd]
+    clip: float = 10.0
+
+    @classmethod
+    def load(cls, path: str | Path) -> Agent:
+        from rl_agnostic.online.trainer import load_policy_file
+
+        policy = load_policy_file(path)
+        specs = {e: EnvSpec(**s) for e, s in policy["specs"].items()}
+        net = build_actor_critic(policy["kind"], NetworkConfig.from_dict(policy["network_config"]),
+                                 specs.values())
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in policy["network"].items()})
+        net.eval()
+        stats = {e: RunningMeanStd.from_state(s["base"]) for e, s in policy["obs_stats"].items()}
+        return cls(net, policy["kind"], specs, stats)
+
+    def spec(self, env_id: str, spec: EnvSpec | None = None) -> EnvSpec:
+        if env_id in self.specs:
+            return self.specs[env_id]
+        if spec is None:
+            raise KeyError(f"{env_id!r} is not an env of this checkpoint "
+                           f"({sorted(self.specs)}) and no description was given")
+        if self.network.adds_layers_per_env:
+            raise ValueError(f"a {self.kind} network has no layers for the new env {env_id!r}")
+        return spec
+
+    def normalize(self, env_id: str, obs: np.ndarray) -> np.ndarray:
+        stats = self.obs_stats.get(env_id)
+        obs = np.asarray(obs, np.float32)
+        if stats is None or stats.count == 0:
+            return obs
+        return np.clip((obs - stats.mean) / (stats.std + 1e-8), -self.clip, self.clip
+                       ).astype(np.float32)
+
+    @torch.inference_mode()
+    def act(self, env_id: str, obs: np.ndarray, deterministic: bool = True,
+            spec: EnvSpec | None = None) -> np.ndarray:
+        """Env actions for a batch of raw observations (B, obs_dim)."""
+        spec = self.spec(env_id, spec)
+        x = torch.as_tensor(self.normalize(env_id, obs)).reshape(len(obs), spec.obs_dim)
+        dist_inputs = self.network.actor(x, spec)
+        action = self.network.sample(spec, dist_inputs, deterministic).numpy()
+        if spec.is_discrete:
+            return action.astype(np.int64)
+        return to_env_action(action, spec)
+
+
+def to_env_action(action: np.ndarray, spec: EnvSpec) -> np.ndarray:
+    """[-1, 1] → env bounds, clipped (RLlib's ``normalize_actions``); unbounded dims unchanged."""
+    low, high = np.asarray(spec.action_low), np.asarray(spec.action_high)
+    bounded = np.isfinite(low) & np.isfinite(high)
+    out = np.where(bounded, low + (action + 1.0) * (high - low) / 2.0, action)
+    return np.where(bounded, np.clip(out, low, high), out).astype(np.float32)
+
+
+def evaluate(path: str | Path, env_id: str, episodes: int = 10, seed: int = 12345,
+             deterministic: bool = True) -> dict[str, Any]:
+    """Returns of ``episodes`` episodes of ``env_id`` acted by the checkpoint's policy."""
+    from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
+
+    agent = Agent.load(path)
+    env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
+    spec = EnvSpec.from_spaces(env_id, env.observation_spaces[env_id], env.action_spaces[env_id])
+    agent.spec(env_id, spec)
+    returns = []
+    try:
+        for _ in range(episodes):
+            obs, _ = env.reset()
+            total, done = 0.0, False
+            while not done:
+                action = agent.act(env_id, obs[env_id][None], deterministic, spec)[0]
+                obs, reward, term, trunc, _ = env.step({env_id: action})
+                total += reward[env_id]
+                done = term["__all__"] or trunc["__all__"]
+            returns.append(total)
+    finally:
+        env.close()
+    return {"env_id": env_id, "episodes": episodes, "returns": returns,
+            "mean": float(np.mean(returns)), "std": float(np.std(returns))}

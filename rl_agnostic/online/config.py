@@ -1,0 +1,308 @@
+"""Typed, validated config of an online run, loaded from one YAML file (``tune_configs/*.yaml``).
+
+Sections: ``envs`` (list), ``model``, ``ppo``, ``resources``, ``run``. Every key is a field below,
+with its doc; an unknown or mistyped key is an error that names the section and suggests the
+closest known key. PPO defaults are the paper's Appendix B (Table 2a).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rl_agnostic.envs.make import ENVPOOL_PREFIX
+from rl_agnostic.nn import KINDS, NetworkConfig
+from rl_agnostic.nn.config import ConfigError
+
+__all__ = ["ConfigError", "EnvEntry", "ModelSettings", "PPOSettings", "ResourceSettings",
+           "RunSettings", "TrainConfig", "load_train_config"]
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    """One env type. YAML: a bare id string, or a mapping with these keys."""
+
+    id: str
+    """Gymnasium id (``CartPole-v1``) or envpool id (``envpool:HalfCheetah-v4``)."""
+    backend: str | None = None
+    """``gymnasium`` or ``envpool``; prefixes ``id`` with ``envpool:`` when ``envpool``."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra constructor arguments for the environment."""
+
+    @property
+    def env_id(self) -> str:
+        if self.backend == "envpool" and not self.id.startswith(ENVPOOL_PREFIX):
+            return ENVPOOL_PREFIX + self.id
+        return self.id
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    kind: str = "agnostic"
+    """agnostic | specific | padded | single (see `rl_agnostic.nn.build_actor_critic`)."""
+    network: NetworkConfig = field(default_factory=NetworkConfig.cpu)
+    """Network hyperparameters. YAML: ``cpu`` or ``paper`` preset name, or a mapping of
+    `NetworkConfig` fields, optionally with ``preset:`` to start from."""
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    actor_lr: float = 3e-4
+    """Adam learning rate of the policy parameters (paper: 3e-4)."""
+    critic_lr: float = 5e-4
+    """Adam learning rate of the value parameters (paper: 5e-4)."""
+    ssm_lr: float = 1e-3
+    """Learning rate of the S4 state-space parameters (Δ, A, B), no weight decay."""
+    anneal_lr: bool = True
+    """Decay every learning rate linearly to 0 over the run's env-step budget."""
+    num_epochs: int = 10
+    """Passes over each iteration's batch (paper: update_epochs 10)."""
+    num_minibatches: int = 8
+    """Minibatches per epoch; each has rollout_steps·copies/num_minibatches rows per env type."""
+    clip: float = 0.2
+    """PPO ratio clip ε (paper: 0.2)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (paper: 0.0)."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    vf_clip: float = 10.0
+    """Clip of the squared value error (RLlib's vf_clip_param), in scaled-reward units."""
+    gamma: float = 0.99
+    """Discount (paper: 0.99)."""
+    gae_lambda: float = 0.95
+    """GAE λ (paper: 0.95)."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip over the summed multi-env loss (paper: 0.5)."""
+    rollout_steps: int = 256
+    """Steps per env copy per iteration (RLlib's rollout_fragment_length)."""
+    normalize_observations: bool = True
+    """Per-env running mean/std observation normalization (paper §3.2)."""
+    scale_rewards: bool = True
+    """Per-env reward scaling by the running std of the discounted return (paper §3.2)."""
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    num_env_runners: int | None = None
+    """EnvRunner actors; None = one per env type. Fewer than the types: S types per runner."""
+    num_envs_per_env_runner: int = 8
+    """Env copies per runner, acted on in one batched forward (split over its S types)."""
+    num_learners: int = 0
+    """0 = one learner in the driver; ≥2 = learner actors with synchronized gradients (gloo/NCCL)."""
+    num_gpus_per_learner: float = 0
+    """GPUs per learner (0 on CPU machines)."""
+    num_cpus_per_env_runner: float = 1
+    """CPU reservation per EnvRunner actor (fractional lets many runners share a small machine)."""
+    learner_torch_threads: int = 2
+    """torch threads of the learner (driver or actor). Runners use 1."""
+    sample_timeout_s: float = 600.0
+    """Max seconds to wait for one round of samples (RLlib's default 60 s returns empty
+    iterations on a loaded machine)."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    env_steps_per_env: int = 100_000
+    """Stop after this many env steps of EVERY env type (the paper's per-env budget)."""
+    seed: int = 0
+    """Seed of network init and env copies."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every N iterations (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest)."""
+    output_dir: str = "runs"
+    """Run directory parent: <output_dir>/<name>/ holds checkpoints, progress.csv, metrics."""
+    evaluation_episodes: int = 0
+    """Deterministic evaluation episodes per env at the end (0 = none)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole online run. ``name`` names the run directory."""
+
+    name: str
+    envs: tuple[EnvEntry, ...]
+    model: ModelSettings = field(default_factory=ModelSettings)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def env_ids(self) -> list[str]:
+        return [e.env_id for e in self.envs]
+
+    @property
+    def num_env_runners(self) -> int:
+        r = self.resources.num_env_runners
+        return len(self.envs) if r is None else r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["envs"] = [dataclasses.asdict(e) for e in self.envs]
+        d["model"]["network"] = self.model.network.to_dict()
+        return d
+
+    def replace(self, **sections: Any) -> TrainConfig:
+        """Copy with whole sections or section fields replaced: ``replace(run={"seed": 1})``."""
+        values = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return TrainConfig.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str = "config") -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
+        _check_keys(values, [f.name for f in dataclasses.fields(cls)], source)
+        for required in ("name", "envs"):
+            if required not in values:
+                raise ConfigError(f"{source}: missing required key {required!r}")
+        name = values["name"]
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"{source}: name must be a non-empty string without '/', got {name!r}")
+        envs = _parse_envs(values["envs"], source)
+        model = dict(values.get("model") or {})
+        _check_keys(model, ["kind", "network"], f"{source}: model")
+        model["network"] = _parse_network(model.get("network", "cpu"), source)
+        kind = model.get("kind", "agnostic")
+        if kind not in KINDS:
+            raise ConfigError(f"{source}: model.kind must be one of {list(KINDS)}, got {kind!r}")
+        if kind == "single" and len(envs) != 1:
+            raise ConfigError(f"{source}: model.kind 'single' needs exactly one env, got {len(envs)}")
+        cfg = cls(
+            name=name, envs=envs, model=ModelSettings(**model),
+            ppo=_section(PPOSettings, values.get("ppo"), f"{source}: ppo"),
+            resources=_section(ResourceSettings, values.get("resources"), f"{source}: resources"),
+            run=_section(RunSettings, values.get("run"), f"{source}: run"),
+        )
+        cfg._check(source)
+        return cfg
+
+    def _check(self, source: str) -> None:
+        p, r = self.ppo, self.resources
+        copies = r.num_envs_per_env_runner
+        if self.num_env_runners < 0:
+            raise ConfigError(f"{source}: resources.num_env_runners must be >= 0")
+        types_per_runner = -(-len(self.envs) // max(self.num_env_runners, 1))
+        if copies % types_per_runner:
+            raise ConfigError(
+                f"{source}: resources.num_envs_per_env_runner ({copies}) must be a multiple of the "
+                f"env types per runner ({types_per_runner} = {len(self.envs)} types over "
+                f"{self.num_env_runners} runners)")
+        if self.num_env_runners >= len(self.envs) and self.num_env_runners % len(self.envs):
+            raise ConfigError(
+                f"{source}: resources.num_env_runners ({self.num_env_runners}) must be a multiple "
+                f"of the number of env types ({len(self.envs)}) or smaller than it")
+        if (p.rollout_steps * copies // types_per_runner) % p.num_minibatches:
+            raise ConfigError(
+                f"{source}: ppo.num_minibatches ({p.num_minibatches}) must divide the steps per env "
+                f"type per runner ({p.rollout_steps} × {copies // types_per_runner} copies)")
+        for name in ("num_epochs", "num_minibatches", "rollout_steps"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"{source}: ppo.{name} must be >= 1")
+        if r.num_learners == 1:
+            raise ConfigError(f"{source}: resources.num_learners must be 0 (driver) or >= 2")
+
+
+def _check_keys(values: dict, known: list[str], where: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(known)})")
+
+
+def _section(cls: type, values: Any, where: str):
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(values, list(fields), where)
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        _check_type(value, hints[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    allowed = typing.get_args(hint) or (hint,)
+    ok = False
+    for t in allowed:
+        if t is type(None):
+            ok |= value is None
+        elif t is float:
+            ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif t is int:
+            ok |= isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok |= isinstance(value, t)
+    if not ok:
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+        raise ConfigError(f"{where} must be {names}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"{where} must be >= 0, got {value!r}")
+
+
+def _parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{source}: envs must be a non-empty list of env ids or mappings")
+    envs = []
+    for i, item in enumerate(values):
+        if isinstance(item, str):
+            item = {"id": item}
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: envs[{i}] must be an id or a mapping, got {item!r}")
+        _check_keys(item, ["id", "backend", "kwargs"], f"{source}: envs[{i}]")
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise ConfigError(f"{source}: envs[{i}] needs a string 'id'")
+        if item.get("backend") not in (None, "gymnasium", "envpool"):
+            raise ConfigError(f"{source}: envs[{i}].backend must be gymnasium or envpool, "
+                              f"got {item['backend']!r}")
+        envs.append(EnvEntry(**item))
+    ids = [e.env_id for e in envs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"{source}: env ids listed twice: {dup}")
+    return tuple(envs)
+
+
+def _parse_network(value: Any, source: str) -> NetworkConfig:
+    presets = {"cpu": NetworkConfig.cpu, "paper": NetworkConfig.paper}
+    if isinstance(value, NetworkConfig):
+        return value
+    if isinstance(value, str):
+        value = {"preset": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: model.network must be a preset name or a mapping")
+    value = dict(value)
+    preset = value.pop("preset", "cpu")
+    if preset not in presets:
+        raise ConfigError(f"{source}: model.network preset must be one of {list(presets)}, "
+                          f"got {preset!r}")
+    try:
+        return presets[preset](**value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: model.network: {exc}") from None
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read and validate a run config YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
+    return TrainConfig.from_dict(values, source=str(path))

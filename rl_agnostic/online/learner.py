@@ -1,0 +1,102 @@
+"""PPO learner for a `SharedNetworkMultiRLModule`: one optimizer, one flat gradient all-reduce.
+
+RLlib's `TorchLearner` assumes independent module ids. With one network behind all of them:
+
+- ``configure_optimizers``: ONE Adam (actor / critic / S4 groups, `rl_agnostic.nn.optim`)
+  registered under the weights-owner module id. Per-module optimizers would step the shared
+  weights once per env type; registering under ``ALL_MODULES`` would skip grad clipping, which
+  RLlib applies per module id.
+- ``_make_modules_ddp_if_necessary``: no per-module DDP wrapper (it would all-reduce the shared
+  gradients once per module, and learners that did not see every env type would call mismatched
+  collectives). Instead rank 0's weights are broadcast once at build, and ``compute_gradients``
+  all-reduces ONE flat vector of every shared gradient (zeros where a learner's batch did not
+  touch a parameter), divided by the world size: exactly DDP's mean gradient.
+- ``_log_trainable_parameters``: counts the shared parameters once.
+
+The per-module PPO losses are summed by `TorchLearner.compute_gradients` before one backward: the
+paper's J_total of Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core import ALL_MODULES
+from ray.rllib.utils.metrics import (
+    NUM_NON_TRAINABLE_PARAMETERS,
+    NUM_TRAINABLE_PARAMETERS,
+)
+
+from rl_agnostic.nn.optim import make_optimizer
+
+
+class SharedNetworkPPOLearner(PPOTorchLearner):
+    """`PPOTorchLearner` for one network shared by all module ids (see module docstring).
+
+    Learner config (``config.learner_config_dict``): ``actor_lr``, ``critic_lr``, ``ssm_lr``;
+    ``anneal_lr_env_steps``: when set, every group's learning rate decays linearly to 0 at that
+    many env steps (summed over env types), as CleanRL's PPO does.
+    """
+
+    def configure_optimizers(self) -> None:
+        multi = self.module
+        opts = self.config.learner_config_dict
+        optimizer = make_optimizer(multi.network, actor_lr=opts["actor_lr"],
+                                   critic_lr=opts["critic_lr"], ssm_lr=opts["ssm_lr"],
+                                   eps=1e-5)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        # No lr schedule: the groups keep their own learning rates.
+        self.register_optimizer(module_id=multi.weights_owner, optimizer=optimizer,
+                                params=params, lr_or_lr_schedule=None)
+
+    def after_gradient_based_update(self, *, timesteps) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        horizon = self.config.learner_config_dict.get("anneal_lr_env_steps")
+        if not horizon:
+            return
+        from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+        done = float(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+        frac = max(1.0 - done / horizon, 0.0)
+        opts = self.config.learner_config_dict
+        for optimizer in self._named_optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = opts[f"{group['name']}_lr"] * frac
+
+    def _make_modules_ddp_if_necessary(self) -> None:
+        if self._is_distributed():
+            with torch.no_grad():
+                for tensor in self.module.network.state_dict().values():
+                    dist.broadcast(tensor, src=0)
+
+    def _is_distributed(self) -> bool:
+        return self.config.num_learners > 1 and dist.is_available() and dist.is_initialized()
+
+    def compute_gradients(self, loss_per_module, **kwargs):
+        grads = super().compute_gradients(loss_per_module, **kwargs)
+        if not self._is_distributed():
+            return grads
+        # Every learner must join the collective, even one whose batch was empty.
+        params = list(self._params.items())
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            for _, p in params])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        out, offset = {}, 0
+        for ref, p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p)
+            out[ref] = p.grad
+            offset += n
+        return out
+
+    def _log_trainable_parameters(self) -> None:
+        params = list(self.module.network.parameters())
+        self.metrics.log_dict({
+            (ALL_MODULES, NUM_TRAINABLE_PARAMETERS):
+                sum(p.numel() for p in params if p.requires_grad),
+            (ALL_MODULES, NUM_NON_TRAINABLE_PARAMETERS):
+                sum(p.numel() for p in params if not p.requires_grad),
+        })

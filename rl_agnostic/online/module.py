@@ -1,0 +1,106 @@
+"""One network behind many RLlib module ids.
+
+RLlib gives every module id its own RLModule with one observation/action space. Here each env
+type gets a thin `EnvTypeModule` (its `EnvSpec`, its action-distribution class), and
+`SharedNetworkMultiRLModule` builds ONE `rl_agnostic.nn.ActorCritic` and hands the same object to
+all of them, so every env type reads and trains the same weights.
+
+Shared weights must be shipped and counted once: `SharedNetworkMultiRLModule.get_state` puts the
+network's weights under the first module id only (runner weight syncs and checkpoints carry one
+copy), and `EnvTypeModule.set_state` ignores the empty states of the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import ValueFunctionAPI
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical, TorchDiagGaussian
+
+from rl_agnostic.envs.spec import EnvSpec
+from rl_agnostic.nn import ActorCritic, NetworkConfig, build_actor_critic
+
+
+class EnvTypeModule(TorchRLModule, ValueFunctionAPI):
+    """The view of the shared network for one env type (module id = env id).
+
+    ``model_config``: ``env_id``. The network is attached by `SharedNetworkMultiRLModule`.
+    """
+
+    network: ActorCritic
+
+    def setup(self) -> None:
+        self.env_spec = EnvSpec.from_spaces(
+            self.model_config["env_id"], self.observation_space, self.action_space)
+        self._dist_cls = (TorchCategorical if self.env_spec.is_discrete else TorchDiagGaussian)
+
+    def attach(self, network: ActorCritic, owner: bool) -> None:
+        self.network = network
+        self._owns_weights = owner
+
+    def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1)
+        return {Columns.ACTION_DIST_INPUTS: self.network.actor(obs, self.env_spec)}
+
+    def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1)
+        return self.network.value(obs, self.env_spec)
+
+    def get_inference_action_dist_cls(self):
+        return self._dist_cls
+
+    def get_exploration_action_dist_cls(self):
+        return self._dist_cls
+
+    def get_train_action_dist_cls(self):
+        return self._dist_cls
+
+    def get_state(self, *args, **kwargs) -> dict:
+        return super().get_state(*args, **kwargs) if self._owns_weights else {}
+
+    def set_state(self, state: dict) -> None:
+        if state:
+            super().set_state(state)
+
+    def no_sync(self):
+        """Gradients are all-reduced once, flat, by the learner (not per module by DDP)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class SharedNetworkMultiRLModule(MultiRLModule):
+    """Builds one ``ActorCritic`` of ``model_config["kind"]`` over every sub-module's `EnvSpec`.
+
+    ``model_config``: ``kind`` (agnostic | specific | padded | single) and ``network`` (a
+    `NetworkConfig` as dict).
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        cfg = NetworkConfig.from_dict(dict(self.model_config["network"]))
+        subs = [self._rl_modules[mid] for mid in sorted(self._rl_modules)]
+        self.network = build_actor_critic(self.model_config["kind"], cfg,
+                                          [m.env_spec for m in subs])
+        for i, sub in enumerate(subs):
+            sub.attach(self.network, owner=i == 0)
+
+    @property
+    def weights_owner(self) -> str:
+        return sorted(self._rl_modules)[0]
+
+    def num_parameters(self) -> int:
+        """Parameters of the shared network, each counted once."""
+        return sum(p.numel() for p in self.network.parameters())
+
+
+def env_module_spec(env_id: str, observation_space: gym.Space, action_space: gym.Space):
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    return RLModuleSpec(module_class=EnvTypeModule, observation_space=observation_space,
+                        action_space=action_space, model_config={"env_id": env_id})

@@ -1,0 +1,293 @@
+"""The online training loop: RLlib PPO iterations, progress lines, metrics, atomic checkpoints.
+
+Run directory ``<run.output_dir>/<name>/``:
+
+- ``config.yaml``: the validated config of the run;
+- ``metrics.jsonl``: one JSON result per iteration (stable names: ``env/<env_id>/episode_return_mean``,
+  ``env/<env_id>/env_steps``, ``perf/env_steps_per_s``, ``perf/iteration_s``, ``num_env_steps``);
+- ``checkpoints/ckpt_<iteration>/``: RLlib's full algorithm checkpoint (``algorithm/``: learner
+  with weights, optimizer and reward-scaler state; env runners' normalizer state; metrics and
+  step counters) plus ``policy.pt``, a self-contained policy (network config and weights,
+  per-env observation statistics, env specs) that `evaluate`, serving and ``--init-from`` load
+  without Ray. A checkpoint is written under a temporary name and renamed when complete, and
+  ``checkpoints/latest`` (also replaced atomically) names the newest, so a crash mid-write never
+  leaves a half checkpoint behind as the one to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from rl_agnostic.online.config import TrainConfig
+
+POLICY_FILE = "policy.pt"
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    env_steps: dict[str, int]
+    returns: dict[str, float]
+    metrics: dict[str, float]
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.run.output_dir) / cfg.name
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (or of its ``checkpoints/``)."""
+    for base in (directory / "checkpoints", directory):
+        pointer = base / "latest"
+        if pointer.is_file():
+            ckpt = base / pointer.read_text().strip()
+            if (ckpt / POLICY_FILE).is_file():
+                return ckpt
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit` or the user) selects an existing cluster;
+        # otherwise a local Ray is started for this process.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=None,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+class OnlineTrainer:
+    """Builds the RLlib algorithm of ``cfg`` and trains it; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None,
+                 stop_env_steps: int | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        from rl_agnostic.online.algo import build_algorithm_config, env_spaces
+
+        self.cfg = cfg
+        self.dir = run_dir(cfg)
+        self.log = log or (lambda text: print(text, flush=True))
+        # Everything that can be wrong with the input fails here, before any actor starts.
+        self.spaces = env_spaces(cfg)
+        resume_from = latest_checkpoint(self.dir) if resume else None
+        if resume and resume_from is None:
+            self.log(f"--resume: no checkpoint in {self.dir}, starting a new run")
+        init_policy = load_policy_file(init_from) if init_from else None
+        if init_policy is not None and init_policy["kind"] != cfg.model.kind:
+            raise ValueError(f"--init-from {init_from}: checkpoint model kind "
+                             f"{init_policy['kind']!r} differs from this config's {cfg.model.kind!r}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        _init_ray()
+        import torch
+
+        torch.set_num_threads(cfg.resources.learner_torch_threads)
+        self.stop_env_steps = stop_env_steps or cfg.run.env_steps_per_env
+        self.algo = build_algorithm_config(cfg, self.spaces, self.stop_env_steps).build_algo()
+        self.iteration = 0
+        self._num_params: int | None = None
+        if resume_from is not None:
+            self.algo.restore_from_path(resume_from / "algorithm")
+            meta = json.loads((resume_from / "trainer.json").read_text())
+            self.iteration = meta["iteration"]
+            self.log(f"resumed from {resume_from} at iteration {self.iteration}, "
+                     f"{sum(meta['env_steps'].values()):,} env steps")
+        elif init_policy is not None:
+            self._load_weights(init_policy)
+            self.log(f"initialized weights from {init_from}")
+
+    # -- weights -------------------------------------------------------------------------
+    def network_state(self) -> dict[str, Any]:
+        """The shared network's weights (numpy), read from the learner group."""
+        from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+
+        state = self.algo.learner_group.get_state(
+            components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
+        modules = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE]
+        owner = sorted(modules)[0]
+        return {k[len("network."):]: v for k, v in modules[owner].items()
+                if k.startswith("network.")}
+
+    def _load_weights(self, policy: dict[str, Any]) -> None:
+        """Copy matching weights (all of them for the agnostic network; the shared middle and
+        known envs' layers for the specific one) into every learner and runner."""
+        import torch
+        from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+
+        current = self.network_state()
+        loaded = {k: v for k, v in policy["network"].items()
+                  if k in current and np.shape(v) == np.shape(current[k])}
+        new = {**current, **{k: np.asarray(v) for k, v in loaded.items()}}
+        owner = sorted(self.cfg.env_ids)[0]
+        self.algo.learner_group.set_state({COMPONENT_LEARNER: {COMPONENT_RL_MODULE: {
+            owner: {f"network.{k}": torch.as_tensor(v) for k, v in new.items()}}}})
+        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
+                                                inference_only=True)
+        self.log(f"  loaded {len(loaded)}/{len(current)} weight tensors "
+                 f"({len(current) - len(loaded)} new)")
+
+    def obs_stats(self) -> dict[str, dict]:
+        from rl_agnostic.online.normalize import PerEnvObsNormalizer
+
+        runner = self.algo.env_runner
+        if runner is None or not self.cfg.ppo.normalize_observations:
+            return {}
+        for piece in runner._env_to_module.connectors:
+            if isinstance(piece, PerEnvObsNormalizer):
+                return piece.merge_states([piece.get_state()])
+        return {}
+
+    # -- loop ----------------------------------------------------------------------------
+    def env_steps(self, result: dict) -> dict[str, int]:
+        per_agent = result.get("env_runners", {}).get("num_agent_steps_sampled_lifetime", {})
+        return {e: int(per_agent.get(e, 0)) for e in self.cfg.env_ids}
+
+    def iterate(self) -> Iterator[IterationResult]:
+        """Train until every env type has ``stop_env_steps`` env steps; yield each iteration."""
+        target = self.stop_env_steps
+        returns: dict[str, float] = {}
+        last_steps = None
+        while True:
+            t0 = time.perf_counter()
+            result = self.algo.train()
+            dt = time.perf_counter() - t0
+            self.iteration += 1
+            steps = self.env_steps(result)
+            total = sum(steps.values())
+            prev = sum(last_steps.values()) if last_steps else \
+                total - int(result.get("env_runners", {}).get("num_env_steps_sampled", 0))
+            last_steps = steps
+            er = result.get("env_runners", {})
+            for env_id, value in (er.get("agent_episode_returns_mean") or {}).items():
+                if value is not None and np.isfinite(value):
+                    returns[env_id] = float(value)
+            metrics: dict[str, float] = {
+                "iteration": self.iteration, "num_env_steps": total,
+                "perf/env_steps_per_s": (total - prev) / dt, "perf/iteration_s": dt,
+                "model/num_parameters": self.num_parameters,
+            }
+            for env_id in self.cfg.env_ids:
+                metrics[f"env/{env_id}/env_steps"] = steps[env_id]
+                if env_id in returns:
+                    metrics[f"env/{env_id}/episode_return_mean"] = returns[env_id]
+                lr = result.get("learners", {}).get(env_id, {})
+                for key in ("policy_loss", "vf_loss", "entropy", "vf_explained_var"):
+                    if key in lr:
+                        metrics[f"env/{env_id}/{key}"] = float(lr[key])
+            item = IterationResult(self.iteration, steps, dict(returns), metrics)
+            self._record(item)
+            done = min(steps.values()) >= target
+            if done or self.iteration % self.cfg.run.checkpoint_every == 0:
+                self.save_checkpoint(steps)
+            yield item
+            if done:
+                return
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the shared network, counted once (RLlib would count them per module)."""
+        if self._num_params is None:
+            self._num_params = sum(int(np.prod(np.shape(v)))
+                                   for v in self.network_state().values())
+        return self._num_params
+
+    def _record(self, item: IterationResult) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(item.metrics) + "\n")
+        env_text = " | ".join(
+            f"{e} {item.returns[e]:.1f}" if e in item.returns else f"{e} -"
+            for e in self.cfg.env_ids)
+        m = item.metrics
+        self.log(f"iter {item.iteration:4d} | env-steps {m['num_env_steps']:>9,} "
+                 f"({m['perf/env_steps_per_s']:,.0f}/s) | {env_text}")
+
+    def save_checkpoint(self, env_steps: dict[str, int]) -> Path:
+        import torch
+
+        base = self.dir / "checkpoints"
+        base.mkdir(parents=True, exist_ok=True)
+        name = f"ckpt_{self.iteration:06d}"
+        tmp = base / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.algo.save_to_path(tmp / "algorithm")
+        policy = {
+            "format": 1, "kind": self.cfg.model.kind,
+            "network_config": self.cfg.model.network.to_dict(),
+            "specs": {e: _spec_dict(e, *self.spaces[e]) for e in self.cfg.env_ids},
+            "network": {k: torch.as_tensor(np.asarray(v)) for k, v in self.network_state().items()},
+            "obs_stats": self.obs_stats(), "env_steps": env_steps, "iteration": self.iteration,
+            "config": self.cfg.to_dict(),
+        }
+        torch.save(policy, tmp / POLICY_FILE)
+        (tmp / "trainer.json").write_text(json.dumps(
+            {"iteration": self.iteration, "env_steps": env_steps}))
+        final = base / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _atomic_write_text(base / "latest", name)
+        kept = sorted(p for p in base.glob("ckpt_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in kept[:-max(self.cfg.run.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def stop(self) -> None:
+        self.algo.stop()
+
+
+def _spec_dict(env_id: str, obs_space, act_space) -> dict[str, Any]:
+    from rl_agnostic.envs.spec import EnvSpec
+    import dataclasses
+
+    return dataclasses.asdict(EnvSpec.from_spaces(env_id, obs_space, act_space))
+
+
+def load_policy_file(path: str | Path) -> dict[str, Any]:
+    """``policy.pt`` of a checkpoint directory, of a run directory (its latest), or the file."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path if (path / POLICY_FILE).is_file() else latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint ({POLICY_FILE}) found in {path}")
+        path = ckpt / POLICY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def train(cfg: TrainConfig, *, stop_env_steps: int | None = None, resume: bool = False,
+          init_from: str | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to its step budget; returns the last iteration's metrics."""
+    trainer = OnlineTrainer(cfg, resume=resume, init_from=init_from,
+                            stop_env_steps=stop_env_steps)
+    trainer.log(f"run {cfg.name}: {len(cfg.envs)} env types, model {cfg.model.kind} "
+                f"({trainer.num_parameters:,} parameters), {cfg.num_env_runners} env runners × "
+                f"{cfg.resources.num_envs_per_env_runner} copies, dir {trainer.dir}")
+    last = None
+    try:
+        for last in trainer.iterate():
+            pass
+    finally:
+        trainer.stop()
+    return last.metrics if last else {}
