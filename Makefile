@@ -1,7 +1,10 @@
 # Two commands for a fresh clone:
-#   make demo   install (editable, CPU torch pin) and run `rl-agnostic demo`
+#   make train  install (editable, CPU torch pin) and train ONE agent on 3 env types on a local Ray
+#               (`rl-agnostic train tune_configs/quickstart.yaml`)
 #   make test   install with the test extra and run the test suite
-# PYTHON=/path/to/python picks the interpreter (e.g. a venv's); DEMO_ARGS / PYTEST_ARGS pass options on.
+# Also: make demo (an untrained network acting in 5 env shapes).
+# PYTHON=/path/to/python picks the interpreter (e.g. a venv's); TRAIN_ARGS / DEMO_ARGS /
+# PYTEST_ARGS pass options on; CONFIG=tune_configs/<file>.yaml trains another config.
 
 PYTHON ?= python3
 # constraints/cpu.txt pins torch==2.13.0 (the CPU wheel) and the tested versions of the rest.
@@ -12,13 +15,19 @@ SCRIPTS = $$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts")
 # The machine is shared: keep BLAS/OpenMP to one thread unless told otherwise.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install install-test
+CONFIG ?= tune_configs/quickstart.yaml
+
+.PHONY: train demo test install install-test
 
 install:
 	$(PIP_INSTALL) -e .
 
 install-test:
 	$(PIP_INSTALL) -e '.[test]'
+
+train: install
+	@echo "rl-agnostic train $(CONFIG) $(TRAIN_ARGS)"
+	@"$(SCRIPTS)/rl-agnostic" train $(CONFIG) $(TRAIN_ARGS)
 
 demo: install
 	@echo "rl-agnostic demo $(DEMO_ARGS)"

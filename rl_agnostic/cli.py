@@ -327,10 +327,12 @@ def run_train(args: argparse.Namespace) -> None:
             cfg = cfg.replace(run={"output_dir": args.output_dir})
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    from rl_agnostic.online.envs import NonFiniteObservationError
+
     try:
         train(cfg, stop_env_steps=args.stop_env_steps, resume=args.resume,
               init_from=args.init_from)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, NonFiniteObservationError) as exc:
         raise CliError(str(exc)) from None
 
 

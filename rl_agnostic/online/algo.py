@@ -39,15 +39,23 @@ def _policy_mapping(agent_id, episode=None, **kwargs):
     return agent_id
 
 
-def env_spaces(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """(observation, action) space of every env type, read from one real copy each (which also
-    rejects unknown ids and unsupported spaces before any actor starts)."""
+def env_spaces(cfg: TrainConfig, probe_steps: int = 16) -> dict[str, tuple[Any, Any]]:
+    """(observation, action) space of every env type, read from one real copy each, which also
+    runs ``probe_steps`` random steps: unknown ids, unsupported spaces and NaN/inf observations
+    fail here, before any actor starts."""
     spaces = {}
     for entry in cfg.envs:
-        env = SingleEnvTypeMultiAgentEnv(entry.env_id, seed=0, env_kwargs=entry.kwargs)
+        env_id = entry.env_id
+        env = SingleEnvTypeMultiAgentEnv(env_id, seed=cfg.run.seed, env_kwargs=entry.kwargs)
         try:
-            spaces[entry.env_id] = (env.observation_spaces[entry.env_id],
-                                    env.action_spaces[entry.env_id])
+            act_space = env.action_spaces[env_id]
+            act_space.seed(cfg.run.seed)
+            env.reset()
+            for _ in range(probe_steps):
+                _, _, term, trunc, _ = env.step({env_id: act_space.sample()})
+                if term["__all__"] or trunc["__all__"]:
+                    env.reset()
+            spaces[env_id] = (env.observation_spaces[env_id], act_space)
         finally:
             env.close()
     return spaces

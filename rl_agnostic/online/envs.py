@@ -70,10 +70,14 @@ class SingleEnvTypeMultiAgentEnv(MultiAgentEnv):
             self._env = gym.make(name, **(env_kwargs or {}))
             obs_space, act_space = self._env.observation_space, self._env.action_space
             self._env.action_space.seed(seed)
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise TypeError(f"{env_id}: observation space must be a flat Box, got {obs_space}")
-        if not isinstance(act_space, (gym.spaces.Box, gym.spaces.Discrete)):
-            raise TypeError(f"{env_id}: action space must be Discrete or Box, got {act_space}")
+        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+            raise TypeError(
+                f"{env_id}: unsupported observation space {obs_space}: only 1-D Box observations "
+                "are supported for now (no Dict/Tuple/Discrete observations, no images)")
+        if not isinstance(act_space, (gym.spaces.Box, gym.spaces.Discrete)) or (
+                isinstance(act_space, gym.spaces.Box) and len(act_space.shape) != 1):
+            raise TypeError(f"{env_id}: unsupported action space {act_space}: only Discrete and "
+                            "1-D Box actions are supported")
         self._obs_dim = int(np.prod(obs_space.shape))
         self._pending_seed: int | None = seed
         self._steps = 0

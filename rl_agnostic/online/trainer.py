@@ -78,7 +78,10 @@ class OnlineTrainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None,
                  stop_env_steps: int | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 customize: Callable[[Any], Any] | None = None) -> None:
+        """``customize`` receives the RLlib ``AlgorithmConfig`` before it is built and returns the
+        config to build (e.g. to add callbacks or swap the learner class)."""
         from rl_agnostic.online.algo import build_algorithm_config, env_spaces
 
         self.cfg = cfg
@@ -101,7 +104,10 @@ class OnlineTrainer:
 
         torch.set_num_threads(cfg.resources.learner_torch_threads)
         self.stop_env_steps = stop_env_steps or cfg.run.env_steps_per_env
-        self.algo = build_algorithm_config(cfg, self.spaces, self.stop_env_steps).build_algo()
+        algo_config = build_algorithm_config(cfg, self.spaces, self.stop_env_steps)
+        if customize is not None:
+            algo_config = customize(algo_config)
+        self.algo = algo_config.build_algo()
         self.iteration = 0
         self._num_params: int | None = None
         if resume_from is not None:

@@ -1,0 +1,207 @@
+"""Online DD-PPO on a real local Ray: heterogeneous env types through one shared network.
+
+Small on purpose (tiny network, short rollouts): every test builds real EnvRunner actors and a
+real RLlib learner (or two learner actors with gloo), and trains for a few iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import ray
+import torch
+from ray import cloudpickle
+
+from rl_agnostic.online.config import TrainConfig
+from rl_agnostic.online.learner import SharedNetworkPPOLearner
+from rl_agnostic.online.trainer import OnlineTrainer, latest_checkpoint
+
+# Learner actors unpickle the recording learner below: ship this module by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TINY_NET = {"preset": "cpu", "d_model": 16, "s4_layers": 1, "transformer_layers": 1,
+            "mlp_depth": 1, "dropout": 0.0}
+ENVS = ["CartPole-v1", "Pendulum-v1", "Acrobot-v1"]  # obs 4 / 3 / 6; discrete, continuous
+
+
+class RecordingLearner(SharedNetworkPPOLearner):
+    """Records, per update, the module ids that reached the loss, and checks that the gradient
+    applied is the gradient of the SUM of the per-module losses (and, when distributed, the
+    mean of every learner's local gradient)."""
+
+    def compute_gradients(self, loss_per_module, **kwargs):
+        params = list(self._params.values())
+        per_module = {
+            mid: torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            for mid, loss in loss_per_module.items()}
+        local = [sum((g[i] if g[i] is not None else torch.zeros_like(p))
+                     for g in per_module.values()) for i, p in enumerate(params)]
+        total = float(sum(loss.item() for loss in loss_per_module.values()))
+        grads = super().compute_gradients(loss_per_module, **kwargs)
+        applied = [grads[self.get_param_ref(p)] for p in params]
+        if not hasattr(self, "records"):
+            self.records = []
+        self.records.append({
+            "modules": sorted(loss_per_module), "total_loss": total,
+            "local": torch.cat([g.reshape(-1) for g in local]).detach().clone(),
+            "applied": torch.cat([g.reshape(-1) for g in applied]).detach().clone(),
+        })
+        return grads
+
+
+def tiny_config(tmp_path, name="t", envs=ENVS, **sections) -> TrainConfig:
+    values = {
+        "name": name, "envs": list(envs),
+        "model": {"kind": "agnostic", "network": TINY_NET},
+        "ppo": {"num_epochs": 2, "num_minibatches": 2, "rollout_steps": 32},
+        "resources": {"num_envs_per_env_runner": 2, "num_cpus_per_env_runner": 0.25,
+                      "learner_torch_threads": 1},
+        "run": {"output_dir": str(tmp_path), "checkpoint_every": 1, "env_steps_per_env": 10**9},
+    }
+    for key, value in sections.items():
+        values[key] = {**values.get(key, {}), **value}
+    return TrainConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _train(trainer: OnlineTrainer, iterations: int):
+    items = []
+    for item in trainer.iterate():
+        items.append(item)
+        if len(items) == iterations:
+            break
+    return items
+
+
+def _with_learner(cfg, learner_class) -> OnlineTrainer:
+    return OnlineTrainer(cfg, customize=lambda c: c.training(learner_class=learner_class))
+
+
+def test_three_env_types_train_through_one_network_and_losses_sum(local_ray, tmp_path):
+    trainer = _with_learner(tiny_config(tmp_path), RecordingLearner)
+    try:
+        items = _train(trainer, 2)
+        learner = trainer.algo.learner_group._learner
+        records = learner.records
+        # 2 iterations × 2 epochs × ≥ 2 minibatches (RLlib adds a bootstrap row per episode
+        # chunk, so a batch can hold a few rows more than 2 minibatches), all 3 env types in each.
+        assert len(records) >= 8
+        assert all(r["modules"] == sorted(ENVS) for r in records)
+        for r in records:
+            torch.testing.assert_close(r["applied"], r["local"], rtol=1e-5, atol=1e-7)
+        # One optimizer, under one module id, over every shared parameter exactly once.
+        assert sum(len(v) for v in learner._module_optimizers.values()) == 1
+        net_params = {id(p) for p in learner.module.network.parameters()}
+        assert {id(p) for p in learner._params.values()} == net_params
+        # Every env type's observations went through the same network object.
+        assert all(learner.module[e].network is learner.module.network for e in ENVS)
+        last = items[-1]
+        assert set(last.env_steps) == set(ENVS) and min(last.env_steps.values()) > 0
+        assert last.metrics["perf/env_steps_per_s"] > 0
+        lines = (trainer.dir / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2 and "env/CartPole-v1/env_steps" in json.loads(lines[-1])
+        assert "env/CartPole-v1/episode_return_mean" in last.metrics
+        # Runner-side weights equal the learner's after the sync (shipped once, owner module).
+        runner_state = trainer.algo.env_runner_group.foreach_env_runner(
+            lambda r: {k: v.clone() for k, v in r.module.network.state_dict().items()},
+            local_env_runner=False)[0]
+        for k, v in learner.module.network.state_dict().items():
+            torch.testing.assert_close(runner_state[k], v)
+    finally:
+        trainer.stop()
+
+
+def test_checkpoint_resume_continues_step_count_and_evaluate_loads_it(local_ray, tmp_path):
+    cfg = tiny_config(tmp_path, name="resume", envs=["CartPole-v1", "Pendulum-v1"])
+    trainer = OnlineTrainer(cfg)
+    try:
+        saved = _train(trainer, 2)[-1]
+    finally:
+        trainer.stop()
+    ckpt = latest_checkpoint(trainer.dir)
+    assert ckpt is not None and ckpt.name == "ckpt_000002"
+    assert not list(ckpt.parent.glob("*.tmp"))
+    resumed = OnlineTrainer(cfg, resume=True)
+    try:
+        assert resumed.iteration == 2
+        nxt = _train(resumed, 1)[-1]
+    finally:
+        resumed.stop()
+    assert nxt.iteration == 3
+    for env_id, steps in saved.env_steps.items():
+        # continues from the saved count: one more iteration of 2 copies × 32 steps (+ a few)
+        assert steps + 64 <= nxt.env_steps[env_id] <= steps + 80
+
+    from rl_agnostic.cli import main
+
+    assert main(["evaluate", str(trainer.dir), "--env", "CartPole-v1", "--env", "Pendulum-v1",
+                 "--episodes", "1"]) == 0
+
+
+def test_parameter_count_is_the_same_for_two_and_five_env_types(local_ray, tmp_path):
+    from rl_agnostic.online.algo import build_algorithm_config, env_spaces
+
+    counts, sizes = [], []
+    for envs in (ENVS[:2], ENVS + ["LunarLander-v3", "MountainCarContinuous-v0"]):
+        cfg = tiny_config(tmp_path, envs=envs)
+        spec = build_algorithm_config(cfg, env_spaces(cfg, probe_steps=0)).rl_module_spec
+        module = spec.build()
+        counts.append(module.num_parameters())
+        state = module.get_state()
+        sizes.append(sum(len(s) for s in state.values()))
+        assert sum(1 for s in state.values() if s) == 1  # weights shipped under one module id
+    assert counts[0] == counts[1]
+    assert sizes[0] == sizes[1]
+
+
+def test_killed_env_runner_is_replaced_and_training_continues(local_ray, tmp_path):
+    trainer = OnlineTrainer(tiny_config(tmp_path, name="fault", envs=ENVS[:2]))
+    try:
+        first = _train(trainer, 1)[-1]
+        group = trainer.algo.env_runner_group
+        ray.kill(group._worker_manager._actors[1], no_restart=False)  # runner 1: CartPole
+        healthy_again = None
+        for item in trainer.iterate():
+            if healthy_again is None and group.num_healthy_remote_workers() == 2:
+                healthy_again = item.env_steps
+            elif healthy_again is not None:
+                break  # one full iteration with the restarted runner back in service
+            assert item.iteration < 30, "the killed env runner was never restored"
+        assert group.num_healthy_remote_workers() == 2
+        for env_id in ENVS[:2]:
+            assert item.env_steps[env_id] > healthy_again[env_id] > first.env_steps[env_id]
+    finally:
+        trainer.stop()
+
+
+def test_two_learners_hold_identical_weights_and_apply_the_mean_gradient(local_ray, tmp_path):
+    cfg = tiny_config(tmp_path, name="ddp", envs=ENVS[:2],
+                      resources={"num_learners": 2, "num_env_runners": 2})
+    trainer = _with_learner(cfg, RecordingLearner)
+    try:
+        _train(trainer, 2)
+        group = trainer.algo.learner_group
+        weights = [r.get() for r in group.foreach_learner(
+            lambda l: {k: v.detach().clone() for k, v in l.module.network.state_dict().items()})]
+        records = [r.get() for r in group.foreach_learner(lambda l: l.records)]
+    finally:
+        trainer.stop()
+    assert len(weights) == 2
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+    assert len(records[0]) == len(records[1]) > 0
+    for r0, r1 in zip(records[0], records[1]):
+        assert torch.equal(r0["applied"], r1["applied"])
+        torch.testing.assert_close(r0["applied"], (r0["local"] + r1["local"]) / 2,
+                                   rtol=1e-5, atol=1e-7)
+    # the learners saw different data, so without the all-reduce they would have diverged
+    assert not torch.equal(records[0][0]["local"], records[1][0]["local"])
