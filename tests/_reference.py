@@ -125,7 +125,10 @@ def actor_reference(model: nn.Module, obs: Tensor, spec: EnvSpec) -> Tensor:
     mean = decoder_reference(model.mean_decoder, h, spec.action_dim)
     raw = decoder_reference(model.log_std_decoder, h, spec.action_dim)
     # low + (high - low) * (tanh(r) + 1) / 2  ==  low + (high - low) * sigmoid(2 r)
-    log_std = cfg.log_std_min + (cfg.log_std_max - cfg.log_std_min) * torch.sigmoid(2 * raw)
+    # shift so that raw = 0 gives log_std_init; written with a sigmoid (0.5(tanh x + 1) = σ(2x))
+    shift = math.atanh(2 * (cfg.log_std_init - cfg.log_std_min)
+                       / (cfg.log_std_max - cfg.log_std_min) - 1)
+    log_std = cfg.log_std_min + (cfg.log_std_max - cfg.log_std_min) * torch.sigmoid(2 * (raw + shift))
     return torch.cat([mean, log_std], dim=-1)
 
 

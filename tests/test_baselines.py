@@ -163,7 +163,7 @@ def test_padded_masks_outputs_to_the_env_action_count():
     dist = model.actor(obs, HOPPER)
     raw = model.gaussian_head(model.policy_body(model._inputs(obs, HOPPER)))
     torch.testing.assert_close(dist[:, :3], raw[:, :3])
-    torch.testing.assert_close(dist[:, 3:], D.bounded_log_std(raw[:, 17:20], -4.0, 1.0))
+    torch.testing.assert_close(dist[:, 3:], D.bounded_log_std(raw[:, 17:20], -4.0, 1.0, CFG.log_std_init))
 
 
 def test_padded_inputs_are_zero_padded_and_carry_the_context():

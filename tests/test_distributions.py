@@ -96,3 +96,11 @@ def test_bounded_log_std_range_and_monotonicity():
     assert torch.all(out[1:] >= out[:-1])
     torch.testing.assert_close(D.bounded_log_std(torch.zeros(1), -5.0, 2.0), torch.tensor([-1.5]))
     assert out[0] == pytest.approx(-5.0) and out[-1] == pytest.approx(2.0)
+
+
+def test_bounded_log_std_center_sets_the_output_at_zero():
+    torch.testing.assert_close(D.bounded_log_std(torch.zeros(1), -5.0, 2.0, 0.0), torch.zeros(1))
+    out = D.bounded_log_std(torch.tensor([-50.0, 50.0]), -5.0, 2.0, 0.0)
+    torch.testing.assert_close(out, torch.tensor([-5.0, 2.0]))
+    with pytest.raises(ValueError, match="strictly inside"):
+        D.bounded_log_std(torch.zeros(1), -5.0, 2.0, 2.0)

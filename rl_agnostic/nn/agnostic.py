@@ -78,7 +78,8 @@ class AgnosticActorCritic(ActorCritic):
             return self.discrete_decoder(h, spec.action_dim)
         mean = self.mean_decoder(h, spec.action_dim)
         raw = self.log_std_decoder(h, spec.action_dim)
-        return torch.cat([mean, bounded_log_std(raw, self.cfg.log_std_min, self.cfg.log_std_max)], -1)
+        return torch.cat([mean, bounded_log_std(raw, self.cfg.log_std_min, self.cfg.log_std_max,
+                                              self.cfg.log_std_init)], -1)
 
     def actor(self, obs: Tensor, spec: EnvSpec) -> Tensor:
         self._check_obs(obs, spec)

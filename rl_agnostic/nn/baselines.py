@@ -46,7 +46,8 @@ def module_key(env_id: str) -> str:
 def _bound_gaussian(raw: Tensor, cfg: NetworkConfig) -> Tensor:
     """[mean | raw log-std] → [mean | log-std in [log_std_min, log_std_max]]."""
     mean, raw_log_std = raw.chunk(2, dim=-1)
-    return torch.cat([mean, bounded_log_std(raw_log_std, cfg.log_std_min, cfg.log_std_max)], -1)
+    return torch.cat([mean, bounded_log_std(raw_log_std, cfg.log_std_min, cfg.log_std_max,
+                                                 cfg.log_std_init)], -1)
 
 
 def _mlp(cfg: NetworkConfig, in_dim: int | None = None, out_dim: int | None = None) -> ResidualMLP:
@@ -204,7 +205,8 @@ class PaddedActorCritic(_BaselineActorCritic):
         out = self.gaussian_head(h)
         mean, raw_log_std = out[:, :n], out[:, self.max_continuous : self.max_continuous + n]
         return torch.cat(
-            [mean, bounded_log_std(raw_log_std, self.cfg.log_std_min, self.cfg.log_std_max)], -1
+            [mean, bounded_log_std(raw_log_std, self.cfg.log_std_min, self.cfg.log_std_max,
+                                   self.cfg.log_std_init)], -1
         )
 
     def value(self, obs: Tensor, spec: EnvSpec) -> Tensor:

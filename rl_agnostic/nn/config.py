@@ -69,6 +69,10 @@ class NetworkConfig:
     """Lower bound of the Gaussian policy's state-dependent log standard deviation."""
     log_std_max: float = 2.0
     """Upper bound of the Gaussian policy's state-dependent log standard deviation."""
+    log_std_init: float = 0.0
+    """Log-std the Gaussian policy starts from (decoder output 0): σ = 1 in the [-1, 1] action
+    space, CleanRL's PPO init. The midpoint of [log_std_min, log_std_max] (σ ≈ 0.22) explored too
+    little: PPO on Pendulum settled below the random policy's return."""
     identity_dim: int = 16
     """Length of the fixed hashed identity code of an environment in the task context."""
     decoder_pool: DecoderPool = "scaled_sum"
@@ -105,9 +109,10 @@ class NetworkConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.dt_min < self.dt_max:
             raise ConfigError(f"need 0 < dt_min < dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
-        if not self.log_std_min < self.log_std_max:
+        if not self.log_std_min < self.log_std_init < self.log_std_max:
             raise ConfigError(
-                f"log_std_min ({self.log_std_min}) must be < log_std_max ({self.log_std_max})"
+                f"need log_std_min ({self.log_std_min}) < log_std_init ({self.log_std_init}) < "
+                f"log_std_max ({self.log_std_max})"
             )
 
     @classmethod

@@ -48,9 +48,19 @@ def gaussian_sample(mean: Tensor, log_std: Tensor, deterministic: bool = False) 
     return mean + torch.randn_like(mean) * torch.exp(log_std)
 
 
-def bounded_log_std(raw: Tensor, low: float, high: float) -> Tensor:
-    """Squash an unbounded decoder output into [low, high] (SAC-style tanh rescaling)."""
-    return low + 0.5 * (high - low) * (torch.tanh(raw) + 1.0)
+def bounded_log_std(raw: Tensor, low: float, high: float, center: float | None = None) -> Tensor:
+    """Squash an unbounded decoder output into [low, high] (SAC-style tanh rescaling).
+
+    ``center``: the log-std that ``raw = 0`` maps to (default: the midpoint). Decoders start with
+    outputs near 0, so this is the initial exploration noise; PPO wants it near log σ = 0 (σ = 1
+    in the [-1, 1] action space, as CleanRL's initial log-std), not the midpoint of a wide range.
+    """
+    shift = 0.0
+    if center is not None:
+        if not low < center < high:
+            raise ValueError(f"center {center} must lie strictly inside ({low}, {high})")
+        shift = math.atanh(2.0 * (center - low) / (high - low) - 1.0)
+    return low + 0.5 * (high - low) * (torch.tanh(raw + shift) + 1.0)
 
 
 # Dispatch on the action kind. Continuous "dist inputs" are [mean | log_std] concatenated on the
