@@ -107,7 +107,14 @@ def encoder_reference(encoder: nn.Module, x: Tensor) -> Tensor:
 
 
 def decoder_reference(decoder: nn.Module, h: Tensor, out_len: int) -> Tensor:
-    z = h.double().unsqueeze(1) + sinusoid_reference(out_len, h.shape[-1])
+    pe = sinusoid_reference(out_len, h.shape[-1])
+    if decoder.modulated:  # h ⊙ c_p + PE_p, c_p a ±1 vector from a generator seeded with p
+        codes = torch.stack([
+            torch.randint(0, 2, (h.shape[-1],), generator=torch.Generator().manual_seed(1_000_003 + p))
+            for p in range(out_len)]).double() * 2 - 1
+        z = h.double().unsqueeze(1) * codes + pe
+    else:
+        z = h.double().unsqueeze(1) + pe
     return sequence_block_reference(decoder.block, z).sum(dim=-1) * decoder.pool_scale
 
 

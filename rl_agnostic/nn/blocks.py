@@ -76,6 +76,16 @@ class Encoder(nn.Module):
         return self.block(h).mean(dim=1)
 
 
+def position_codes(length: int, d_model: int, device: torch.device) -> Tensor:
+    """Row p: a fixed ±1 vector drawn from a generator seeded with p — the same in every process,
+    and nearly orthogonal for different p, whatever the length."""
+    rows = []
+    for p in range(length):
+        g = torch.Generator().manual_seed(1_000_003 + p)
+        rows.append(torch.randint(0, 2, (d_model,), generator=g, dtype=torch.float32) * 2 - 1)
+    return torch.stack(rows).to(device)
+
+
 def sinusoidal_encoding(length: int, d_model: int, device: torch.device) -> Tensor:
     """PE[p, 2i] = sin(p / 10000^(2i/H)), PE[p, 2i+1] = cos(·) — (length, H)."""
     pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
@@ -95,6 +105,7 @@ class Decoder(nn.Module):
         self.d_model = cfg.d_model
         self.block = SequenceBlock(cfg)
         self.pool_scale = 1.0 / (cfg.d_model if cfg.decoder_pool == "mean" else cfg.d_model ** 0.5)
+        self.modulated = cfg.decoder_position == "modulated"
         self._pe: dict[tuple[int, torch.device], Tensor] = {}
         # The output is the mean over H of a LayerNorm's output: with the default weight 1 that
         # is exactly the mean bias, for every input, and no gradient reaches any earlier layer
@@ -103,16 +114,22 @@ class Decoder(nn.Module):
         final_norm = [m for m in self.block.modules() if isinstance(m, nn.LayerNorm)][-1]
         nn.init.normal_(final_norm.weight, 1.0, 0.5)
 
-    def positional(self, length: int, device: torch.device) -> Tensor:
+    def positional(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(sinusoidal PE, ±1 position codes), each (length, H), cached per length/device."""
         key = (length, device)
         if key not in self._pe:
-            self._pe[key] = sinusoidal_encoding(length, self.d_model, device)
+            # normal tensors even when first built while acting (training multiplies by them)
+            with torch.inference_mode(False):
+                self._pe[key] = (sinusoidal_encoding(length, self.d_model, device),
+                                 position_codes(length, self.d_model, device))
         return self._pe[key]
 
     def forward(self, h: Tensor, out_len: int) -> Tensor:
         if out_len < 1:
             raise ValueError(f"decoder output length must be >= 1, got {out_len}")
-        z = h.unsqueeze(1) + self.positional(out_len, h.device)
+        pe, codes = self.positional(out_len, h.device)
+        h = h.unsqueeze(1)
+        z = h * codes + pe if self.modulated else h + pe
         return self.block(z).sum(dim=-1) * self.pool_scale
 
 
