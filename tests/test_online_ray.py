@@ -205,3 +205,30 @@ def test_two_learners_hold_identical_weights_and_apply_the_mean_gradient(local_r
                                    rtol=1e-5, atol=1e-7)
     # the learners saw different data, so without the all-reduce they would have diverged
     assert not torch.equal(records[0][0]["local"], records[1][0]["local"])
+
+
+@pytest.mark.parametrize("kind, adds_layers", [("agnostic", False), ("specific", True)])
+def test_init_from_transfers_to_new_env_types(local_ray, tmp_path, kind, adds_layers):
+    pre = tiny_config(tmp_path, name=f"pre_{kind}", envs=["CartPole-v1", "Pendulum-v1"],
+                      model={"kind": kind})
+    trainer = OnlineTrainer(pre)
+    try:
+        _train(trainer, 1)
+        pre_state = trainer.network_state()
+    finally:
+        trainer.stop()
+    new = tiny_config(tmp_path, name=f"transfer_{kind}",
+                      envs=["Acrobot-v1", "MountainCarContinuous-v0"], model={"kind": kind})
+    transfer = OnlineTrainer(new, init_from=str(trainer.dir))
+    try:
+        state = transfer.network_state()
+        loaded = [k for k in state if k in pre_state
+                  and np.array_equal(np.asarray(state[k]), np.asarray(pre_state[k]))]
+        if adds_layers:  # new encoder/decoder layers for the new envs, shared middle loaded
+            assert set(state) - set(pre_state) and loaded
+            assert transfer.num_parameters > 0
+        else:  # the agnostic network: the same tensors, every one of them loaded
+            assert set(state) == set(pre_state) and len(loaded) == len(state)
+        _train(transfer, 1)
+    finally:
+        transfer.stop()

@@ -3,7 +3,7 @@ r"""The agnostic network's building blocks (paper §3.1, Fig. 1a).
 Shapes: B batch, I input length, O output length, H = d_model.
 
     Encoder   (B, I) ─lift→ (B, I, H) ─embedding stack→ ─Transformer stack→ ─mean over I→ (B, H)
-    Decoder   (B, H) ─repeat O×, + sinusoidal PE→ (B, O, H) ─embedding stack→ ─Transformer→
+    Decoder   (B, H) ─repeat O×, mark positions (h ⊙ c_p + PE_p, or the paper's h + PE_p)→ (B, O, H) ─embedding stack→ ─Transformer→
               ─pool over H→ (B, O)   (mean, or Σ/√H: NetworkConfig.decoder_pool)
     Middle    (B, H) + context (B|1, H) ─residual MLP→ (B, H)
 

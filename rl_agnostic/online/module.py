@@ -12,6 +12,7 @@ copy), and `EnvTypeModule.set_state` ignores the empty states of the others.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import gymnasium as gym
@@ -19,6 +20,7 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical, TorchDiagGaussian
 
@@ -67,10 +69,8 @@ class EnvTypeModule(TorchRLModule, ValueFunctionAPI):
         if state:
             super().set_state(state)
 
-    def no_sync(self):
+    def no_sync(self) -> contextlib.AbstractContextManager:
         """Gradients are all-reduced once, flat, by the learner (not per module by DDP)."""
-        import contextlib
-
         return contextlib.nullcontext()
 
 
@@ -99,8 +99,9 @@ class SharedNetworkMultiRLModule(MultiRLModule):
         return sum(p.numel() for p in self.network.parameters())
 
 
-def env_module_spec(env_id: str, observation_space: gym.Space, action_space: gym.Space):
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
+def env_module_spec(env_id: str, observation_space: gym.Space,
+                    action_space: gym.Space) -> RLModuleSpec:
+    """The RLModuleSpec of one env type, with its spaces given explicitly (RLlib would otherwise
+    infer every module's spaces from the first env runner's env)."""
     return RLModuleSpec(module_class=EnvTypeModule, observation_space=observation_space,
                         action_space=action_space, model_config={"env_id": env_id})

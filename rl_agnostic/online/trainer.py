@@ -16,10 +16,10 @@ Run directory ``<run.output_dir>/<name>/``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.online.config import TrainConfig
 
 POLICY_FILE = "policy.pt"
@@ -261,9 +262,6 @@ class OnlineTrainer:
 
 
 def _spec_dict(env_id: str, obs_space, act_space) -> dict[str, Any]:
-    from rl_agnostic.envs.spec import EnvSpec
-    import dataclasses
-
     return dataclasses.asdict(EnvSpec.from_spaces(env_id, obs_space, act_space))
 
 
