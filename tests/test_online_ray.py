@@ -120,8 +120,11 @@ def test_three_env_types_train_through_one_network_and_losses_sum(local_ray, tmp
         trainer.stop()
 
 
-def test_checkpoint_resume_continues_step_count_and_evaluate_loads_it(local_ray, tmp_path):
-    cfg = tiny_config(tmp_path, name="resume", envs=["CartPole-v1", "Pendulum-v1"])
+def test_checkpoint_resume_continues_step_count_and_evaluate_loads_it(local_ray, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output dir, as in the shipped configs
+    cfg = tiny_config(tmp_path, name="resume", envs=["CartPole-v1", "Pendulum-v1"],
+                      run={"output_dir": "runs"})
     trainer = OnlineTrainer(cfg)
     try:
         saved = _train(trainer, 2)[-1]

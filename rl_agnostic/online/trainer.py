@@ -86,7 +86,7 @@ class OnlineTrainer:
         from rl_agnostic.online.algo import build_algorithm_config, env_spaces
 
         self.cfg = cfg
-        self.dir = run_dir(cfg)
+        self.dir = run_dir(cfg).absolute()  # RLlib checkpoint paths must be absolute
         self.log = log or (lambda text: print(text, flush=True))
         # Everything that can be wrong with the input fails here, before any actor starts.
         self.spaces = env_spaces(cfg)
