@@ -8,7 +8,10 @@ MLP) on CartPole alone for the speed reference, all measured in this one run.
 - score: mean return of deterministic evaluation episodes of the final checkpoint
   (`rl_agnostic.online.agent.evaluate`), per env;
 - random score: mean return of uniformly random actions, measured here;
-- normalized score (paper §4.2): 100·(score − random)/(single-env score − random);
+- normalized score (paper §4.2): 100·(score − random)/(single-env score − random). Undefined
+  (null, left out of the mean) where the single-env agent is not clearly better than random
+  (by less than 5 % of the random score's magnitude, or 10 return units): the ratio of two
+  noise-level differences says nothing;
 - env-steps/s: env steps over wall time of all iterations but the first (which includes actor
   start-up and warm-up), for our multi-env run and for stock RLlib PPO on CartPole.
 
@@ -114,8 +117,13 @@ def main() -> None:
     ap.add_argument("--stock-iterations", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--rerender", action="store_true",
+                    help="only rewrite online.md/.png from online.json and the runs' metrics")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.rerender:
+        rerender(out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = str(out / "online_runs")
     base = load_train_config(args.suite)
@@ -139,13 +147,11 @@ def main() -> None:
         single[e] = run(cfg, args.env_steps, args.eval_episodes)
         print(f"single {e}: eval {single[e]['eval'][e]:.1f}", flush=True)
 
-    normalized = {}
-    for e in envs:
-        denom = single[e]["eval"][e] - rand[e]
-        normalized[e] = 100.0 * (agnostic["eval"][e] - rand[e]) / denom if denom else float("nan")
+    normalized = normalized_scores(agnostic["eval"], {e: single[e]["eval"][e] for e in envs}, rand)
+    defined = [v for v in normalized.values() if v is not None]
     summary = {
         "normalized": normalized,
-        "normalized_mean": float(np.mean(list(normalized.values()))),
+        "normalized_mean": float(np.mean(defined)) if defined else None,
         "returns": {"agnostic": agnostic["eval"], "single": {e: single[e]["eval"][e] for e in envs}},
         "train_returns": {"agnostic": agnostic["train_returns"],
                           "single": {e: single[e]["train_returns"].get(e) for e in envs}},
@@ -161,7 +167,7 @@ def main() -> None:
         "config": base.to_dict(),
     }
     (out / "online.json").write_text(json.dumps(summary, indent=2, default=float))
-    write_markdown(out / "online.md", summary, stock)
+    write_markdown(out / "online.md", summary)
     plot(out / "online.png", envs, agnostic["curves"], {e: single[e]["curves"][e] for e in envs},
          rand)
     print(json.dumps({k: summary[k] for k in ("normalized", "normalized_mean", "returns",
@@ -169,7 +175,41 @@ def main() -> None:
                      indent=2, default=float))
 
 
-def write_markdown(path: Path, s: dict, stock: dict) -> None:
+def normalized_scores(agnostic: dict, single: dict, rand: dict) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for e in agnostic:
+        denom = single[e] - rand[e]
+        margin = max(0.05 * abs(rand[e]), 10.0)
+        out[e] = 100.0 * (agnostic[e] - rand[e]) / denom if denom > margin else None
+    return out
+
+
+def rerender(out: Path) -> None:
+    """Rewrite online.md/.png from online.json and the runs' metrics.jsonl (no training)."""
+    s = json.loads((out / "online.json").read_text())
+    envs = list(s["random"])
+    s["normalized"] = normalized_scores(s["returns"]["agnostic"], s["returns"]["single"], s["random"])
+    defined = [v for v in s["normalized"].values() if v is not None]
+    s["normalized_mean"] = float(np.mean(defined)) if defined else None
+    (out / "online.json").write_text(json.dumps(s, indent=2, default=float))
+    write_markdown(out / "online.md", s)
+    runs = out / "online_runs"
+    agn = load_curves(runs / "agnostic" / "metrics.jsonl", envs)
+    sgl = {e: load_curves(runs / f"single_{e}" / "metrics.jsonl", [e])[e] for e in envs}
+    plot(out / "online.png", envs, agn, sgl, s["random"])
+
+
+def load_curves(path: Path, envs: list[str]) -> dict[str, list]:
+    curves: dict[str, list] = {e: [] for e in envs}
+    for line in path.read_text().splitlines():
+        m = json.loads(line)
+        for e in envs:
+            if f"env/{e}/episode_return_mean" in m:
+                curves[e].append((m[f"env/{e}/env_steps"], m[f"env/{e}/episode_return_mean"]))
+    return curves
+
+
+def write_markdown(path: Path, s: dict) -> None:
     envs = list(s["normalized"])
     lines = [
         "# Online multi-env PPO: one agnostic agent vs single-env agents (cpu scale)",
@@ -177,7 +217,9 @@ def write_markdown(path: Path, s: dict, stock: dict) -> None:
         f"{s['env_steps_per_env']:,} env steps per env type, `tune_configs/classic4_cpu.yaml` "
         "(cpu network preset, dropout 0), seed "
         f"{s['config']['run']['seed']}. Scores: deterministic evaluation of the final checkpoint; "
-        "normalized = 100·(score − random)/(single-env score − random) (paper §4.2).",
+        "normalized = 100·(score − random)/(single-env score − random) (paper §4.2); "
+        "'undefined' where the single-env agent is not clearly above random "
+        "(by < max(5 % of |random|, 10)), and left out of the mean.",
         "",
         "| env | random | single-env | agnostic | normalized | train return (agn / single) |",
         "|---|---|---|---|---|---|",
@@ -186,10 +228,10 @@ def write_markdown(path: Path, s: dict, stock: dict) -> None:
         ta, ts = s["train_returns"]["agnostic"].get(e), s["train_returns"]["single"].get(e)
         lines.append(
             f"| {e} | {s['random'][e]:.1f} | {s['returns']['single'][e]:.1f} | "
-            f"{s['returns']['agnostic'][e]:.1f} | {s['normalized'][e]:.1f} | "
+            f"{s['returns']['agnostic'][e]:.1f} | {_fmt(s['normalized'][e], 'undefined')} | "
             f"{_fmt(ta)} / {_fmt(ts)} |")
     lines += [
-        f"| **mean** | | | | **{s['normalized_mean']:.1f}** | |",
+        f"| **mean** (defined envs) | | | | **{_fmt(s['normalized_mean'], 'undefined')}** | |",
         "",
         "| throughput | env-steps/s |",
         "|---|---|",
@@ -208,8 +250,8 @@ def write_markdown(path: Path, s: dict, stock: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.1f}"
+def _fmt(x, missing: str = "-") -> str:
+    return missing if x is None else f"{x:.1f}"
 
 
 def plot(path: Path, envs: list[str], agnostic: dict, single: dict, rand: dict) -> None:
