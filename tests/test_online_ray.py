@@ -235,3 +235,16 @@ def test_init_from_transfers_to_new_env_types(local_ray, tmp_path, kind, adds_la
         _train(transfer, 1)
     finally:
         transfer.stop()
+
+
+def test_train_runs_to_its_budget_and_evaluates_each_env(local_ray, tmp_path):
+    from rl_agnostic.online.trainer import train
+
+    cfg = tiny_config(tmp_path, name="budget", envs=["CartPole-v1", "Pendulum-v1"],
+                      run={"evaluation_episodes": 1, "checkpoint_every": 100})
+    metrics = train(cfg, stop_env_steps=100)  # 64 steps per env per iteration → 2 iterations
+    assert metrics["iteration"] == 2
+    assert min(metrics[f"env/{e}/env_steps"] for e in cfg.env_ids) >= 100
+    assert metrics["env/CartPole-v1/evaluation_return_mean"] >= 1.0
+    assert metrics["env/Pendulum-v1/evaluation_return_mean"] < 0.0
+    assert latest_checkpoint(tmp_path / "budget").name == "ckpt_000002"  # final checkpoint

@@ -195,10 +195,10 @@ class OnlineTrainer:
                 metrics[f"env/{env_id}/env_steps"] = steps[env_id]
                 if env_id in returns:
                     metrics[f"env/{env_id}/episode_return_mean"] = returns[env_id]
-                lr = result.get("learners", {}).get(env_id, {})
+                learner_out = result.get("learners", {}).get(env_id, {})
                 for key in ("policy_loss", "vf_loss", "entropy", "vf_explained_var"):
-                    if key in lr:
-                        metrics[f"env/{env_id}/{key}"] = float(lr[key])
+                    if key in learner_out:
+                        metrics[f"env/{env_id}/{key}"] = float(learner_out[key])
             item = IterationResult(self.iteration, steps, dict(returns), metrics)
             self._record(item)
             done = min(steps.values()) >= target
@@ -294,4 +294,13 @@ def train(cfg: TrainConfig, *, stop_env_steps: int | None = None, resume: bool =
             pass
     finally:
         trainer.stop()
-    return last.metrics if last else {}
+    metrics = dict(last.metrics) if last else {}
+    if cfg.run.evaluation_episodes > 0:
+        from rl_agnostic.online.agent import evaluate
+
+        for env_id in cfg.env_ids:
+            out = evaluate(trainer.dir, env_id, cfg.run.evaluation_episodes, seed=cfg.run.seed)
+            metrics[f"env/{env_id}/evaluation_return_mean"] = out["mean"]
+            trainer.log(f"evaluation {env_id}: {out['mean']:.1f} ± {out['std']:.1f} "
+                        f"over {out['episodes']} deterministic episodes")
+    return metrics
