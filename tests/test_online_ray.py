@@ -110,6 +110,7 @@ def test_three_env_types_train_through_one_network_and_losses_sum(local_ray, tmp
         lines = (trainer.dir / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2 and "env/CartPole-v1/env_steps" in json.loads(lines[-1])
         assert "env/CartPole-v1/episode_return_mean" in last.metrics
+        assert list((trainer.dir / "tensorboard").glob("events.out.tfevents*"))
         # Runner-side weights equal the learner's after the sync (shipped once, owner module).
         runner_state = trainer.algo.env_runner_group.foreach_env_runner(
             lambda r: {k: v.clone() for k, v in r.module.network.state_dict().items()},

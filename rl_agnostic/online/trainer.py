@@ -3,6 +3,7 @@
 Run directory ``<run.output_dir>/<name>/``:
 
 - ``config.yaml``: the validated config of the run;
+- ``tensorboard/``: the same metrics as TensorBoard scalars (x axis: total env steps);
 - ``metrics.jsonl``: one JSON result per iteration (stable names: ``env/<env_id>/episode_return_mean``,
   ``env/<env_id>/env_steps``, ``perf/env_steps_per_s``, ``perf/iteration_s``, ``num_env_steps``);
 - ``checkpoints/ckpt_<iteration>/``: RLlib's full algorithm checkpoint (``algorithm/``: learner
@@ -111,6 +112,9 @@ class OnlineTrainer:
         self.algo = algo_config.build_algo()
         self.iteration = 0
         self._num_params: int | None = None
+        from tensorboardX import SummaryWriter  # a dependency of ray[tune]
+
+        self._tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
         if resume_from is not None:
             self.algo.restore_from_path(resume_from / "algorithm")
             meta = json.loads((resume_from / "trainer.json").read_text())
@@ -219,6 +223,10 @@ class OnlineTrainer:
     def _record(self, item: IterationResult) -> None:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(item.metrics) + "\n")
+        step = int(item.metrics["num_env_steps"])
+        for key, value in item.metrics.items():
+            self._tensorboard.add_scalar(key, value, global_step=step)
+        self._tensorboard.flush()
         env_text = " | ".join(
             f"{e} {item.returns[e]:.1f}" if e in item.returns else f"{e} -"
             for e in self.cfg.env_ids)
@@ -258,6 +266,7 @@ class OnlineTrainer:
         return final
 
     def stop(self) -> None:
+        self._tensorboard.close()
         self.algo.stop()
 
 
