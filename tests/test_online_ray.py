@@ -249,3 +249,20 @@ def test_train_runs_to_its_budget_and_evaluates_each_env(local_ray, tmp_path):
     assert metrics["env/CartPole-v1/evaluation_return_mean"] >= 1.0
     assert metrics["env/Pendulum-v1/evaluation_return_mean"] < 0.0
     assert latest_checkpoint(tmp_path / "budget").name == "ckpt_000002"  # final checkpoint
+
+
+@pytest.mark.parametrize("kind", ["agnostic", "specific", "padded", "single"])
+def test_every_model_kind_builds_as_one_shared_network(tmp_path, kind):
+    from rl_agnostic.online.algo import build_algorithm_config, env_spaces
+
+    envs = ["CartPole-v1"] if kind == "single" else ENVS
+    cfg = tiny_config(tmp_path, envs=envs, model={"kind": kind})
+    module = build_algorithm_config(cfg, env_spaces(cfg, probe_steps=0)).rl_module_spec.build()
+    assert module.network.kind == kind
+    assert all(module[e].network is module.network for e in envs)
+    obs = {e: torch.zeros(2, module[e].env_spec.obs_dim) for e in envs}
+    out = module.forward_inference({e: {"obs": obs[e]} for e in envs})
+    for e in envs:
+        spec = module[e].env_spec
+        width = spec.action_dim * (1 if spec.is_discrete else 2)
+        assert out[e]["action_dist_inputs"].shape == (2, width)
