@@ -36,22 +36,16 @@ SUITE = ROOT / "tune_configs" / "classic4_cpu.yaml"
 
 
 def random_score(env_id: str, episodes: int, seed: int = 0) -> float:
+    from rl_agnostic.online.agent import episode_returns
     from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
 
     env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
     space = env.action_spaces[env_id]
     space.seed(seed)
-    totals = []
-    for _ in range(episodes):
-        env.reset()
-        total, done = 0.0, False
-        while not done:
-            _, r, term, trunc, _ = env.step({env_id: space.sample()})
-            total += r[env_id]
-            done = term["__all__"] or trunc["__all__"]
-        totals.append(total)
-    env.close()
-    return float(np.mean(totals))
+    try:
+        return float(np.mean(episode_returns(env, lambda obs: space.sample(), episodes)))
+    finally:
+        env.close()
 
 
 def stock_rllib_cartpole(iterations: int) -> dict:

@@ -5,6 +5,7 @@ the env's bounds)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.nn import ActorCritic, NetworkConfig, build_actor_critic
-from rl_agnostic.online.normalize import RunningMeanStd
+from rl_agnostic.online.normalize import RunningMeanStd, standardize
 
 
 @dataclass
@@ -50,11 +51,9 @@ class Agent:
 
     def normalize(self, env_id: str, obs: np.ndarray) -> np.ndarray:
         stats = self.obs_stats.get(env_id)
-        obs = np.asarray(obs, np.float32)
         if stats is None or stats.count == 0:
-            return obs
-        return np.clip((obs - stats.mean) / (stats.std + 1e-8), -self.clip, self.clip
-                       ).astype(np.float32)
+            return np.asarray(obs, np.float32)
+        return standardize(obs, stats, self.clip)
 
     @torch.inference_mode()
     def act(self, env_id: str, obs: np.ndarray, deterministic: bool = True,
@@ -77,6 +76,22 @@ def to_env_action(action: np.ndarray, spec: EnvSpec) -> np.ndarray:
     return np.where(bounded, np.clip(out, low, high), out).astype(np.float32)
 
 
+def episode_returns(env: Any, act: Callable[[np.ndarray], Any], episodes: int) -> list[float]:
+    """Returns of ``episodes`` whole episodes of a `SingleEnvTypeMultiAgentEnv`, acting with
+    ``act(observation) -> action``."""
+    env_id = env.env_id
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        total, done = 0.0, False
+        while not done:
+            obs, reward, term, trunc, _ = env.step({env_id: act(obs[env_id])})
+            total += reward[env_id]
+            done = term["__all__"] or trunc["__all__"]
+        returns.append(total)
+    return returns
+
+
 def evaluate(path: str | Path, env_id: str, episodes: int = 10, seed: int = 12345,
              deterministic: bool = True) -> dict[str, Any]:
     """Returns of ``episodes`` episodes of ``env_id`` acted by the checkpoint's policy."""
@@ -86,17 +101,9 @@ def evaluate(path: str | Path, env_id: str, episodes: int = 10, seed: int = 1234
     env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
     spec = EnvSpec.from_spaces(env_id, env.observation_spaces[env_id], env.action_spaces[env_id])
     agent.spec(env_id, spec)
-    returns = []
     try:
-        for _ in range(episodes):
-            obs, _ = env.reset()
-            total, done = 0.0, False
-            while not done:
-                action = agent.act(env_id, obs[env_id][None], deterministic, spec)[0]
-                obs, reward, term, trunc, _ = env.step({env_id: action})
-                total += reward[env_id]
-                done = term["__all__"] or trunc["__all__"]
-            returns.append(total)
+        returns = episode_returns(
+            env, lambda obs: agent.act(env_id, obs[None], deterministic, spec)[0], episodes)
     finally:
         env.close()
     return {"env_id": env_id, "episodes": episodes, "returns": returns,

@@ -123,8 +123,7 @@ def build_algorithm_config(cfg: TrainConfig, spaces: dict[str, tuple[Any, Any]] 
                                  "ssm_lr": p.ssm_lr, "scale_rewards": p.scale_rewards,
                                  "anneal_lr_env_steps": (
                                      (stop_env_steps or cfg.run.env_steps_per_env) * len(ids)
-                                     if p.anneal_lr else None),
-                                 "torch_threads": res.learner_torch_threads},
+                                     if p.anneal_lr else None)},
         )
         .fault_tolerance(restart_failed_env_runners=True, max_num_env_runner_restarts=100)
         .debugging(seed=cfg.run.seed, log_level="WARN")

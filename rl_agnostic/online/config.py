@@ -100,7 +100,8 @@ class ResourceSettings:
     num_cpus_per_env_runner: float = 1
     """CPU reservation per EnvRunner actor (fractional lets many runners share a small machine)."""
     learner_torch_threads: int = 2
-    """torch threads of the learner (driver or actor). Runners use 1."""
+    """torch threads of the driver process, where the learner runs when num_learners is 0.
+    Learner actors and runners keep Ray's one thread per actor."""
     sample_timeout_s: float = 600.0
     """Max seconds to wait for one round of samples (RLlib's default 60 s returns empty
     iterations on a loaded machine)."""

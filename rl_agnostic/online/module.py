@@ -74,6 +74,11 @@ class EnvTypeModule(TorchRLModule, ValueFunctionAPI):
         return contextlib.nullcontext()
 
 
+def weights_owner(module_ids) -> str:
+    """The module id whose state carries the shared weights: the first in sorted order."""
+    return sorted(module_ids)[0]
+
+
 class SharedNetworkMultiRLModule(MultiRLModule):
     """Builds one ``ActorCritic`` of ``model_config["kind"]`` over every sub-module's `EnvSpec`.
 
@@ -84,15 +89,16 @@ class SharedNetworkMultiRLModule(MultiRLModule):
     def setup(self) -> None:
         super().setup()
         cfg = NetworkConfig.from_dict(dict(self.model_config["network"]))
-        subs = [self._rl_modules[mid] for mid in sorted(self._rl_modules)]
+        ids = sorted(self._rl_modules)
         self.network = build_actor_critic(self.model_config["kind"], cfg,
-                                          [m.env_spec for m in subs])
-        for i, sub in enumerate(subs):
-            sub.attach(self.network, owner=i == 0)
+                                          [self._rl_modules[mid].env_spec for mid in ids])
+        owner = weights_owner(ids)
+        for mid in ids:
+            self._rl_modules[mid].attach(self.network, owner=mid == owner)
 
     @property
     def weights_owner(self) -> str:
-        return sorted(self._rl_modules)[0]
+        return weights_owner(self._rl_modules)
 
     def num_parameters(self) -> int:
         """Parameters of the shared network, each counted once."""

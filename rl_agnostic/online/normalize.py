@@ -62,6 +62,13 @@ class RunningMeanStd:
         return cls(np.shape(state["mean"]), state["count"], state["mean"], state["m2"])
 
 
+def standardize(obs: np.ndarray, stats: RunningMeanStd, clip: float) -> np.ndarray:
+    """(obs − mean) / (std + ε), clipped to ±clip, as float32: the one formula used in training
+    (`PerEnvObsNormalizer`) and outside it (`rl_agnostic.online.agent.Agent`)."""
+    out = (np.asarray(obs, np.float32) - stats.mean) / (stats.std + 1e-8)
+    return np.clip(out, -clip, clip).astype(np.float32)
+
+
 class PerEnvObsNormalizer(ConnectorV2):
     """(obs − mean) / (std + ε), clipped to ±``clip``, per env type (see module docstring)."""
 
@@ -86,8 +93,7 @@ class PerEnvObsNormalizer(ConnectorV2):
             delta.update(obs)
         merged = RunningMeanStd(base.mean.shape, base.count, base.mean, base.m2)
         merged.combine(delta)
-        out = (obs - merged.mean) / (merged.std + 1e-8)
-        return np.clip(out, -self.clip, self.clip).astype(np.float32)
+        return standardize(obs, merged, self.clip)
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None,
                  **kwargs):

@@ -130,11 +130,12 @@ class OnlineTrainer:
         """The shared network's weights (numpy), read from the learner group."""
         from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 
+        from rl_agnostic.online.module import weights_owner
+
         state = self.algo.learner_group.get_state(
             components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}")
         modules = state[COMPONENT_LEARNER][COMPONENT_RL_MODULE]
-        owner = sorted(modules)[0]
-        return {k[len("network."):]: v for k, v in modules[owner].items()
+        return {k[len("network."):]: v for k, v in modules[weights_owner(modules)].items()
                 if k.startswith("network.")}
 
     def _load_weights(self, policy: dict[str, Any]) -> None:
@@ -143,13 +144,14 @@ class OnlineTrainer:
         import torch
         from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 
+        from rl_agnostic.online.module import weights_owner
+
         current = self.network_state()
         loaded = {k: v for k, v in policy["network"].items()
                   if k in current and np.shape(v) == np.shape(current[k])}
         new = {**current, **{k: np.asarray(v) for k, v in loaded.items()}}
-        owner = sorted(self.cfg.env_ids)[0]
         self.algo.learner_group.set_state({COMPONENT_LEARNER: {COMPONENT_RL_MODULE: {
-            owner: {f"network.{k}": torch.as_tensor(v) for k, v in new.items()}}}})
+            weights_owner(self.cfg.env_ids): {f"network.{k}": torch.as_tensor(v) for k, v in new.items()}}}})
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
                                                 inference_only=True)
         self.log(f"  loaded {len(loaded)}/{len(current)} weight tensors "
@@ -181,12 +183,12 @@ class OnlineTrainer:
             result = self.algo.train()
             dt = time.perf_counter() - t0
             self.iteration += 1
+            er = result.get("env_runners", {})
             steps = self.env_steps(result)
             total = sum(steps.values())
             prev = sum(last_steps.values()) if last_steps else \
-                total - int(result.get("env_runners", {}).get("num_env_steps_sampled", 0))
+                total - int(er.get("num_env_steps_sampled", 0))
             last_steps = steps
-            er = result.get("env_runners", {})
             for env_id, value in (er.get("agent_episode_returns_mean") or {}).items():
                 if value is not None and np.isfinite(value):
                     returns[env_id] = float(value)
