@@ -2,11 +2,15 @@
 
     rl-agnostic train CONFIG.yaml [--stop-env-steps N] [--resume] [--init-from CKPT]
     rl-agnostic evaluate CKPT --env ID [--episodes N]
+    rl-agnostic collect ENV_ID --policy POLICY:EPISODES [...] --out DIR --name NAME [--seed S]
+    rl-agnostic offline CONFIG.yaml [--steps N] [--resume] [--output-dir DIR]
     rl-agnostic demo [--envs ID ...] [--steps N] [--num-envs K] [--d-model H]
                      [--network-config FILE.yaml] [--seed S]
 
 ``train`` runs DD-PPO over every env type of the config on RLlib (a local Ray started here, or the
-cluster of ``RAY_ADDRESS``). ``evaluate`` acts deterministically with a checkpoint's policy.
+cluster of ``RAY_ADDRESS``). ``evaluate`` acts deterministically with a checkpoint's policy (online
+or offline). ``collect`` writes an offline dataset (Minari + parquet) from policy rollouts;
+``offline`` trains DD-IQL over the config's datasets on Ray Train.
 ``demo`` lets ONE untrained agnostic actor-critic act in several envs of different shapes.
 """
 
@@ -314,7 +318,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=_positive_int, default=10, metavar="N")
     ev.add_argument("--seed", type=int, default=12345, metavar="S")
     ev.add_argument("--stochastic", action="store_true", help="sample actions instead")
+    col = sub.add_parser(
+        "collect", help="roll out policies in an env and write an offline dataset",
+        description="Write <out>/<name>.parquet and a Minari dataset under <out>/minari from "
+                    "rollouts of one or more policies (a mixed-quality dataset when several). "
+                    "Reference scores: the random policy's mean return (min) and the best "
+                    "policy's (max).")
+    col.add_argument("env_id", metavar="ENV_ID")
+    col.add_argument("--policy", required=True, action="append", metavar="POLICY:EPISODES",
+                     help="'random:N' or 'CHECKPOINT:N' (run dir, checkpoint dir or policy.pt); "
+                          "repeatable")
+    col.add_argument("--out", required=True, metavar="DIR")
+    col.add_argument("--name", required=True, metavar="NAME")
+    col.add_argument("--seed", type=int, default=0, metavar="S")
+    col.add_argument("--random-episodes", type=_positive_int, default=20, metavar="N",
+                     help="episodes of the random policy for ref_min_score (default: 20)")
+    col.add_argument("--deterministic", action="store_true",
+                     help="act with the policies' modes instead of sampling")
+    off = sub.add_parser(
+        "offline", help="train DD-IQL over several offline datasets (Ray Train)",
+        description="Offline multi-dataset IQL. CONFIG.yaml: see tune_configs/offline_quickstart.yaml."
+                    " Starts a local Ray unless RAY_ADDRESS names a cluster.")
+    off.add_argument("config", metavar="CONFIG.yaml")
+    off.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                     help="gradient steps (default: run.steps)")
+    off.add_argument("--resume", action="store_true",
+                     help="continue from the run directory's latest checkpoint")
+    off.add_argument("--output-dir", default=None, metavar="DIR",
+                     help="parent of the run directory (default: run.output_dir)")
     return parser
+
+
+def run_collect(args: argparse.Namespace) -> None:
+    from rl_agnostic.offline.collect import PolicySource, collect
+
+    try:
+        sources = [PolicySource.parse(p) for p in args.policy]
+        collect(args.env_id, sources, args.out, args.name, seed=args.seed,
+                random_episodes=args.random_episodes, deterministic=args.deterministic)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def run_offline(args: argparse.Namespace) -> None:
+    from rl_agnostic.offline.config import ConfigError, load_offline_config
+    from rl_agnostic.offline.trainer import train_offline
+
+    try:
+        cfg = load_offline_config(args.config)
+        if args.output_dir:
+            cfg = cfg.replace(run={"output_dir": args.output_dir})
+        if args.steps:
+            cfg = cfg.replace(run={"steps": args.steps})
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        train_offline(cfg, resume=args.resume)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -357,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_train(args)
         elif args.command == "evaluate":
             run_evaluate(args)
+        elif args.command == "collect":
+            run_collect(args)
+        elif args.command == "offline":
+            run_offline(args)
         elif args.command == "demo":
             run_demo(args.envs, steps=args.steps, num_envs=args.num_envs, d_model=args.d_model,
                      network_config=args.network_config, seed=args.seed,

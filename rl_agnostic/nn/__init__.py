@@ -6,8 +6,14 @@ from collections.abc import Iterable
 
 from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.nn.agnostic import AgnosticActorCritic, AgnosticQ, AgnosticTwinQ
-from rl_agnostic.nn.base import ActorCritic
-from rl_agnostic.nn.baselines import PaddedActorCritic, SingleEnvActorCritic, SpecificActorCritic
+from rl_agnostic.nn.base import ActorCritic, TwinQ
+from rl_agnostic.nn.baselines import (
+    PaddedActorCritic,
+    SingleEnvActorCritic,
+    SingleEnvQ,
+    SpecificActorCritic,
+    SpecificQ,
+)
 from rl_agnostic.nn.config import ConfigError, NetworkConfig
 
 KINDS = ("agnostic", "specific", "padded", "single")
@@ -38,8 +44,27 @@ def build_actor_critic(kind: str, cfg: NetworkConfig, specs: Iterable[EnvSpec]) 
     raise ValueError(f"unknown actor-critic kind {kind!r}; choose one of {list(KINDS)}")
 
 
+Q_KINDS = ("agnostic", "specific", "single")
+
+
+def build_twin_q(kind: str, cfg: NetworkConfig, specs: Iterable[EnvSpec]) -> TwinQ:
+    """Two independent Q(s, a) networks of ``kind`` (``agnostic``, ``specific`` or ``single``)
+    over ``specs``, for the clipped double-Q of IQL."""
+    specs = list(specs)
+    if kind == "agnostic":
+        return AgnosticTwinQ(cfg)
+    if kind == "specific":
+        return TwinQ(SpecificQ(cfg, specs), SpecificQ(cfg, specs))
+    if kind == "single":
+        if len(specs) != 1:
+            raise ValueError(f"kind 'single' needs exactly one EnvSpec, got {len(specs)}")
+        return TwinQ(SingleEnvQ(cfg, specs[0]), SingleEnvQ(cfg, specs[0]))
+    raise ValueError(f"unknown Q network kind {kind!r}; choose one of {list(Q_KINDS)}")
+
+
 __all__ = [
     "KINDS",
+    "Q_KINDS",
     "ActorCritic",
     "AgnosticActorCritic",
     "AgnosticQ",
@@ -49,6 +74,10 @@ __all__ = [
     "NetworkConfig",
     "PaddedActorCritic",
     "SingleEnvActorCritic",
+    "SingleEnvQ",
     "SpecificActorCritic",
+    "SpecificQ",
+    "TwinQ",
     "build_actor_critic",
+    "build_twin_q",
 ]

@@ -13,11 +13,10 @@ brings its context vector (`rl_agnostic.nn.context`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.envs.spec import EnvSpec
-from rl_agnostic.nn.base import ActorCritic
+from rl_agnostic.nn.base import ActorCritic, TwinQ, action_features
 from rl_agnostic.nn.blocks import Decoder, Encoder, ResidualMLP
 from rl_agnostic.nn.config import NetworkConfig
 from rl_agnostic.nn.context import context_dim, context_features
@@ -101,15 +100,10 @@ class AgnosticActorCritic(ActorCritic):
         return dist, value
 
 
-def action_features(actions: Tensor, spec: EnvSpec) -> Tensor:
-    """Actions as a float sequence: one-hot for discrete (B,) → (B, n), continuous as is."""
-    if spec.is_discrete:
-        return F.one_hot(actions.long(), spec.action_dim).to(torch.float32)
-    return actions.to(torch.float32)
-
-
 class AgnosticQ(nn.Module):
     """Q(s, a) over the concatenated state-action sequence, any (|s|, |a|)."""
+
+    adds_layers_per_env = False
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
@@ -117,18 +111,16 @@ class AgnosticQ(nn.Module):
         self.decoder = Decoder(cfg)
         self._contexts = ContextCache(cfg.identity_dim)
 
+    def add_env(self, spec: EnvSpec) -> None:
+        """Nothing to add: a new environment only brings its context vector."""
+
     def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> Tensor:
         sa = torch.cat([obs, action_features(actions, spec)], dim=-1)
         return self.decoder(self.trunk(sa, self._contexts(spec, obs.device, obs.dtype)), 1).squeeze(-1)
 
 
-class AgnosticTwinQ(nn.Module):
-    """Two independent Q networks (clipped double-Q as in IQL): returns (Q₁, Q₂)."""
+class AgnosticTwinQ(TwinQ):
+    """Two independent agnostic Q networks (clipped double-Q as in IQL): returns (Q₁, Q₂)."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
-        super().__init__()
-        self.q1 = AgnosticQ(cfg)
-        self.q2 = AgnosticQ(cfg)
-
-    def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> tuple[Tensor, Tensor]:
-        return self.q1(obs, actions, spec), self.q2(obs, actions, spec)
+        super().__init__(AgnosticQ(cfg), AgnosticQ(cfg))

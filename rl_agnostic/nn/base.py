@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from rl_agnostic.envs.spec import EnvSpec
@@ -60,3 +61,30 @@ class ActorCritic(nn.Module):
                 f"{spec.env_id}: expected observations of shape (batch, {spec.obs_dim}), "
                 f"got {tuple(obs.shape)}"
             )
+
+
+def action_features(actions: Tensor, spec: EnvSpec) -> Tensor:
+    """Actions as a float vector: one-hot for discrete (B,) → (B, n), continuous (B, d) as is."""
+    if spec.is_discrete:
+        return nn.functional.one_hot(actions.long(), spec.action_dim).to(torch.float32)
+    return actions.to(torch.float32)
+
+
+class TwinQ(nn.Module):
+    """Two independent Q networks of one kind (clipped double-Q, as in IQL): (Q₁, Q₂)."""
+
+    def __init__(self, q1: nn.Module, q2: nn.Module) -> None:
+        super().__init__()
+        self.q1 = q1
+        self.q2 = q2
+
+    @property
+    def adds_layers_per_env(self) -> bool:
+        return self.q1.adds_layers_per_env
+
+    def add_env(self, spec: EnvSpec) -> None:
+        self.q1.add_env(spec)
+        self.q2.add_env(spec)
+
+    def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> tuple[Tensor, Tensor]:
+        return self.q1(obs, actions, spec), self.q2(obs, actions, spec)

@@ -11,6 +11,9 @@ r"""The paper's comparison agents (§4.1, Fig. 3–4) and a padding baseline, be
               (zero-pads observations to the largest env, appends the task context of
               `rl_agnostic.nn.context`, and keeps the first n logits / d means and log-stds)
 
+Q networks for IQL (`build_twin_q`) follow the same two patterns over [obs | action features]:
+``single`` one residual MLP, ``specific`` per-env encoder and decoder around one shared middle.
+
 Gaussian outputs are [mean | log_std] with the log-std squashed into [log_std_min, log_std_max]
 by `distributions.bounded_log_std`, exactly as in the agnostic network. Every critic parameter's
 name starts with ``critic`` so that `rl_agnostic.nn.optim.param_groups` finds it.
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.nn.agnostic import ContextCache
-from rl_agnostic.nn.base import ActorCritic
+from rl_agnostic.nn.base import ActorCritic, action_features
 from rl_agnostic.nn.blocks import ResidualMLP
 from rl_agnostic.nn.config import NetworkConfig
 from rl_agnostic.nn.context import context_dim
@@ -211,3 +214,63 @@ class PaddedActorCritic(_BaselineActorCritic):
 
     def value(self, obs: Tensor, spec: EnvSpec) -> Tensor:
         return self.critic_net(self._inputs(obs, spec)).squeeze(-1)
+
+
+def q_in_dim(spec: EnvSpec) -> int:
+    """Width of a Q network's input [obs | action features] (one-hot for discrete actions)."""
+    return spec.obs_dim + spec.action_dim
+
+
+class SingleEnvQ(nn.Module):
+    """Q(s, a) for exactly one environment: a residual MLP over [obs | action features]."""
+
+    adds_layers_per_env = True
+
+    def __init__(self, cfg: NetworkConfig, spec: EnvSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.net = _mlp(cfg, q_in_dim(spec), 1)
+
+    def add_env(self, spec: EnvSpec) -> None:
+        if spec != self.spec:
+            raise ValueError(f"SingleEnvQ is built for {self.spec.env_id} only, not {spec.env_id}")
+
+    def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> Tensor:
+        self.add_env(spec)
+        return self.net(torch.cat([obs, action_features(actions, spec)], -1)).squeeze(-1)
+
+
+class SpecificQ(nn.Module):
+    """Q(s, a) with a per-env encoder and decoder around one shared middle MLP."""
+
+    adds_layers_per_env = True
+
+    def __init__(self, cfg: NetworkConfig, specs: Iterable[EnvSpec] = ()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.specs: dict[str, EnvSpec] = {}
+        self.encoders = nn.ModuleDict()
+        self.middle = _mlp(cfg)
+        self.decoders = nn.ModuleDict()
+        for spec in specs:
+            self.add_env(spec)
+
+    def add_env(self, spec: EnvSpec) -> None:
+        known = self.specs.get(spec.env_id)
+        if known is not None:
+            if known != spec:
+                raise ValueError(f"{spec.env_id} is already registered with other spaces: {known}")
+            return
+        like = next(self.middle.parameters())
+        key = module_key(spec.env_id)
+        self.encoders[key] = _mlp(self.cfg, in_dim=q_in_dim(spec)).to(like.device, like.dtype)
+        self.decoders[key] = _mlp(self.cfg, out_dim=1).to(like.device, like.dtype)
+        self.specs[spec.env_id] = spec
+
+    def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> Tensor:
+        if self.specs.get(spec.env_id) != spec:
+            raise KeyError(f"SpecificQ: environment {spec.env_id!r} is not registered with these "
+                           f"spaces (registered: {sorted(self.specs)}); call add_env(spec) first")
+        key = module_key(spec.env_id)
+        x = torch.cat([obs, action_features(actions, spec)], -1)
+        return self.decoders[key](self.middle(self.encoders[key](x))).squeeze(-1)

@@ -8,14 +8,12 @@ closest known key. PPO defaults are the paper's Appendix B (Table 2a).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from rl_agnostic.configs import check_keys, parse_network, read_yaml_mapping, section
 from rl_agnostic.envs.make import ENVPOOL_PREFIX
 from rl_agnostic.nn import KINDS, NetworkConfig
 from rl_agnostic.nn.config import ConfigError
@@ -163,7 +161,7 @@ class TrainConfig:
     def from_dict(cls, values: Any, source: str = "config") -> TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
-        _check_keys(values, [f.name for f in dataclasses.fields(cls)], source)
+        check_keys(values, [f.name for f in dataclasses.fields(cls)], source)
         for required in ("name", "envs"):
             if required not in values:
                 raise ConfigError(f"{source}: missing required key {required!r}")
@@ -172,8 +170,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: name must be a non-empty string without '/', got {name!r}")
         envs = _parse_envs(values["envs"], source)
         model = dict(values.get("model") or {})
-        _check_keys(model, ["kind", "network"], f"{source}: model")
-        model["network"] = _parse_network(model.get("network", "cpu"), source)
+        check_keys(model, ["kind", "network"], f"{source}: model")
+        model["network"] = parse_network(model.get("network", "cpu"), source)
         kind = model.get("kind", "agnostic")
         if kind not in KINDS:
             raise ConfigError(f"{source}: model.kind must be one of {list(KINDS)}, got {kind!r}")
@@ -181,9 +179,9 @@ class TrainConfig:
             raise ConfigError(f"{source}: model.kind 'single' needs exactly one env, got {len(envs)}")
         cfg = cls(
             name=name, envs=envs, model=ModelSettings(**model),
-            ppo=_section(PPOSettings, values.get("ppo"), f"{source}: ppo"),
-            resources=_section(ResourceSettings, values.get("resources"), f"{source}: resources"),
-            run=_section(RunSettings, values.get("run"), f"{source}: run"),
+            ppo=section(PPOSettings, values.get("ppo"), f"{source}: ppo"),
+            resources=section(ResourceSettings, values.get("resources"), f"{source}: resources"),
+            run=section(RunSettings, values.get("run"), f"{source}: run"),
         )
         cfg._check(source)
         return cfg
@@ -214,45 +212,6 @@ class TrainConfig:
             raise ConfigError(f"{source}: resources.num_learners must be 0 (driver) or >= 2")
 
 
-def _check_keys(values: dict, known: list[str], where: str) -> None:
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(known)})")
-
-
-def _section(cls: type, values: Any, where: str):
-    values = {} if values is None else values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(values, list(fields), where)
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        _check_type(value, hints[key], f"{where}.{key}")
-    return cls(**values)
-
-
-def _check_type(value: Any, hint: Any, where: str) -> None:
-    allowed = typing.get_args(hint) or (hint,)
-    ok = False
-    for t in allowed:
-        if t is type(None):
-            ok |= value is None
-        elif t is float:
-            ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif t is int:
-            ok |= isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok |= isinstance(value, t)
-    if not ok:
-        names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-        raise ConfigError(f"{where} must be {names}, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"{where} must be >= 0, got {value!r}")
-
-
 def _parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{source}: envs must be a non-empty list of env ids or mappings")
@@ -262,7 +221,7 @@ def _parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:
             item = {"id": item}
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: envs[{i}] must be an id or a mapping, got {item!r}")
-        _check_keys(item, ["id", "backend", "kwargs"], f"{source}: envs[{i}]")
+        check_keys(item, ["id", "backend", "kwargs"], f"{source}: envs[{i}]")
         if not isinstance(item.get("id"), str) or not item["id"]:
             raise ConfigError(f"{source}: envs[{i}] needs a string 'id'")
         if item.get("backend") not in (None, "gymnasium", "envpool"):
@@ -276,34 +235,6 @@ def _parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:
     return tuple(envs)
 
 
-def _parse_network(value: Any, source: str) -> NetworkConfig:
-    presets = {"cpu": NetworkConfig.cpu, "paper": NetworkConfig.paper}
-    if isinstance(value, NetworkConfig):
-        return value
-    if isinstance(value, str):
-        value = {"preset": value}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: model.network must be a preset name or a mapping")
-    value = dict(value)
-    preset = value.pop("preset", "cpu")
-    if preset not in presets:
-        raise ConfigError(f"{source}: model.network preset must be one of {list(presets)}, "
-                          f"got {preset!r}")
-    try:
-        return presets[preset](**value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: model.network: {exc}") from None
-
-
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a run config YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
-    return TrainConfig.from_dict(values, source=str(path))
+    return TrainConfig.from_dict(read_yaml_mapping(path), source=str(path))
