@@ -333,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--seed", type=int, default=0, metavar="S")
     col.add_argument("--random-episodes", type=_positive_int, default=20, metavar="N",
                      help="episodes of the random policy for ref_min_score (default: 20)")
-    col.add_argument("--deterministic", action="store_true",
-                     help="act with the policies' modes instead of sampling")
+    col.add_argument("--action-noise", type=float, default=None, metavar="X",
+                     help="act with the policies' modes plus N(0, X²) noise in the [-1, 1] action "
+                          "space (continuous) or a random action with probability X (discrete); "
+                          "default: sample each policy's own distribution")
     off = sub.add_parser(
         "offline", help="train DD-IQL over several offline datasets (Ray Train)",
         description="Offline multi-dataset IQL. CONFIG.yaml: see tune_configs/offline_quickstart.yaml."
@@ -355,7 +357,7 @@ def run_collect(args: argparse.Namespace) -> None:
     try:
         sources = [PolicySource.parse(p) for p in args.policy]
         collect(args.env_id, sources, args.out, args.name, seed=args.seed,
-                random_episodes=args.random_episodes, deterministic=args.deterministic)
+                random_episodes=args.random_episodes, action_noise=args.action_noise)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
 

@@ -49,6 +49,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def adam(groups: list[dict], fused: bool | None = None, **adam_kwargs) -> torch.optim.Adam:
+    """Adam over parameter ``groups``. ``fused=None`` tries the fused kernel (CPU and CUDA in
+    torch ≥ 2.4) and falls back to the default implementation where it is unsupported."""
+    if fused is False:
+        return torch.optim.Adam(groups, **adam_kwargs)
+    try:
+        return torch.optim.Adam(groups, fused=True, **adam_kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        if fused:  # explicitly requested: do not hide that it is unavailable
+            raise
+        return torch.optim.Adam(groups, **adam_kwargs)
+
+
 def make_optimizer(
     model: nn.Module,
     actor_lr: float = 3e-4,
@@ -58,15 +71,6 @@ def make_optimizer(
     fused: bool | None = None,
     **adam_kwargs,
 ) -> torch.optim.Adam:
-    """Adam over `param_groups`. ``fused=None`` tries the fused kernel (CPU and CUDA in
-    torch ≥ 2.4) and falls back to the default implementation where it is unsupported."""
-    groups = param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay)
-    if fused is False:
-        return torch.optim.Adam(groups, **adam_kwargs)
-    try:
-        return torch.optim.Adam(groups, fused=True, **adam_kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        if fused:  # explicitly requested: do not hide that it is unavailable
-            raise
-        return torch.optim.Adam(param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay),
-                                **adam_kwargs)
+    """`adam` over `param_groups` of ``model``."""
+    return adam(param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay), fused,
+                **adam_kwargs)

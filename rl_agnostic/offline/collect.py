@@ -62,22 +62,38 @@ class Episode:
         return float(self.rewards.sum())
 
 
-def _actor(policy: str, env: Any, deterministic: bool, seed: int) -> Callable[[np.ndarray], Any]:
+def _actor(policy: str, env: Any, seed: int, action_noise: float | None
+           ) -> Callable[[np.ndarray], Any]:
+    """``policy``'s acting function. ``action_noise`` None: sample the policy's own distribution;
+    a number x: its mode, perturbed by N(0, x²) in the [-1, 1] action space (continuous; clipped)
+    or replaced by a uniformly random action with probability x (discrete)."""
     env_id = env.env_id
+    space = env.action_spaces[env_id]
     if policy == "random":
-        space = env.action_spaces[env_id]
         space.seed(seed)
         return lambda obs: space.sample()
     from rl_agnostic.envs.spec import EnvSpec
-    from rl_agnostic.online.agent import Agent
+    from rl_agnostic.offline.data import normalize_actions
+    from rl_agnostic.online.agent import Agent, to_env_action
 
     agent = Agent.load(policy)
-    spec = EnvSpec.from_spaces(env_id, env.observation_spaces[env_id], env.action_spaces[env_id])
+    spec = EnvSpec.from_spaces(env_id, env.observation_spaces[env_id], space)
     agent.spec(env_id, spec)  # fails early for an env the checkpoint cannot act in
     import torch
 
     torch.manual_seed(seed)  # the stochastic policy's action samples
-    return lambda obs: agent.act(env_id, obs[None], deterministic, spec)[0]
+    if action_noise is None:
+        return lambda obs: agent.act(env_id, obs[None], False, spec)[0]
+    rng = np.random.default_rng(seed)
+
+    def act(obs: np.ndarray) -> Any:
+        action = agent.act(env_id, obs[None], True, spec)[0]
+        if spec.is_discrete:
+            return rng.integers(spec.action_dim) if rng.random() < action_noise else action
+        noisy = normalize_actions(action, spec) + rng.normal(0.0, action_noise, action.shape)
+        return to_env_action(np.clip(noisy, -1.0, 1.0), spec)
+
+    return act
 
 
 def rollout(env: Any, act: Callable[[np.ndarray], Any], episodes: int) -> list[Episode]:
@@ -156,9 +172,13 @@ def _write_minari(episodes: list[Episode], env: Any, info: DatasetInfo, root: Pa
 
 
 def collect(env_id: str, policies: list[PolicySource], out_dir: str | Path, name: str,
-            seed: int = 0, random_episodes: int = 20, deterministic: bool = False,
+            seed: int = 0, random_episodes: int = 20, action_noise: float | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Collect ``policies`` in ``env_id`` into ``<out_dir>/<name>.parquet`` and a Minari dataset.
+
+    ``action_noise``: None samples each policy's own action distribution (a PPO policy's wide
+    Gaussian makes bang-bang, mostly clipped actions); a number acts with the policy's mode plus
+    that much noise (see `_actor`), the usual way to make "expert" data from a policy.
 
     Returns a summary (paths, per-policy returns, reference scores), also written as
     ``<out_dir>/<name>.json``. Seeds: episode i of the whole run resets with ``seed + i``."""
@@ -173,14 +193,14 @@ def collect(env_id: str, policies: list[PolicySource], out_dir: str | Path, name
     try:
         rand_env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed + 1_000_000)
         try:
-            random_returns = episode_returns(rand_env, _actor("random", rand_env, True, seed),
+            random_returns = episode_returns(rand_env, _actor("random", rand_env, seed, None),
                                              random_episodes)
         finally:
             rand_env.close()
         episodes: list[Episode] = []
         per_policy = []
         for i, source in enumerate(policies):
-            act = _actor(source.policy, env, deterministic, seed + 7919 * (i + 1))
+            act = _actor(source.policy, env, seed + 7919 * (i + 1), action_noise)
             eps = rollout(env, act, source.episodes)
             returns = [e.ret for e in eps]
             per_policy.append({"policy": source.policy, "episodes": source.episodes,
@@ -202,7 +222,8 @@ def collect(env_id: str, policies: list[PolicySource], out_dir: str | Path, name
                                                    for p in per_policy))
     finally:
         env.close()
-    summary = {"name": name, "env_id": env_id, "seed": seed, "transitions": len(data),
+    summary = {"name": name, "env_id": env_id, "seed": seed, "action_noise": action_noise,
+               "transitions": len(data),
                "parquet": str(parquet), "minari_dataset_id": dataset_id_for(name),
                "minari_path": str(minari_dir), "policies": per_policy,
                "random_return_mean": info.ref_min_score, "info": dataclasses.asdict(info)}

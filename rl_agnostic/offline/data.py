@@ -71,8 +71,10 @@ class DatasetInfo:
     """Episodes in the data, when known."""
 
     def normalized(self, score: float) -> float | None:
-        """100·(score − min)/(max − min), or None without reference scores."""
-        if self.ref_min_score is None or self.ref_max_score is None:
+        """100·(score − min)/(max − min); None without reference scores or when max ≤ min
+        (e.g. data of a policy no better than random: the ratio would be meaningless)."""
+        if self.ref_min_score is None or self.ref_max_score is None \
+                or self.ref_max_score <= self.ref_min_score:
             return None
         return 100.0 * (score - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
 
@@ -199,8 +201,9 @@ def read_d4rl_hdf5(path: str | Path, name: str | None = None) -> TransitionData:
         attrs = dict(f.attrs)
     n = len(raw["observations"])
     timeouts = raw.get("timeouts", np.zeros(n, bool)).astype(bool).reshape(-1)
-    if len(timeouts) != n:
-        raise DatasetError(f"{path}: timeouts has {len(timeouts)} rows, observations {n}")
+    for key, arr in (*raw.items(), ("timeouts", timeouts)):
+        if len(arr) != n:
+            raise DatasetError(f"{path}: {key} has {len(arr)} rows, observations {n}")
     if "next_observations" in raw:
         arrays = {k: raw[k] for k in FIELDS}
         if arrays["next_observations"].shape != arrays["observations"].shape:

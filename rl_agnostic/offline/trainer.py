@@ -149,6 +149,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from rl_agnostic.nn.optim import adam
     from rl_agnostic.offline.iql import IQLNetworks
 
     # Ray Train logs every report with its whole metrics dict at INFO: keep the progress lines.
@@ -174,7 +175,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         for t in list(nets.parameters()) + list(nets.buffers()):
             dist.broadcast(t.data, src=0)
     i = cfg.iql
-    optimizer = torch.optim.Adam(nets.optimizer_groups(i.actor_lr, i.critic_lr, i.ssm_lr))
+    optimizer = adam(nets.optimizer_groups(i.actor_lr, i.critic_lr, i.ssm_lr))
     actor_group = next(g for g in optimizer.param_groups if g["name"] == "actor")
 
     # Every held dataset in memory on this worker, observations standardized, rewards scaled.
