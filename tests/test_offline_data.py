@@ -439,12 +439,16 @@ def test_prepare_datasets_reads_checks_and_scales(tmp_path, cartpole):
     assert [p.name for p in prepared] == ["cp", "p"]
     assert [p.spec.env_id for p in prepared] == ["CartPole-v1", "Pendulum-v1"]
     np.testing.assert_allclose(prepared[1].data.actions, raw["actions"][:8], rtol=1e-6)
-    assert prepared[1].reward_scale == pytest.approx(1000.0 / 50.0)
+    # T / (ref_max - ref_min) with T the mean episode length (1000 when episodes are unknown)
+    n_ep = prepared[1].info.num_episodes
+    length = len(prepared[1].data) / n_ep if n_ep else 1000.0
+    assert prepared[1].reward_scale == pytest.approx(length / 50.0)
     assert prepared[1].info.normalized(40.0) == pytest.approx(100.0)
-    # rewards are scaled by 1000 / (ref_max - ref_min) only when that range is positive
+    # rewards are scaled only when the reference range is positive
     lo, hi = prepared[0].info.ref_min_score, prepared[0].info.ref_max_score
     usable = hi > lo
-    assert prepared[0].reward_scale == pytest.approx(1000.0 / (hi - lo) if usable else 1.0)
+    length = len(prepared[0].data) / prepared[0].info.num_episodes
+    assert prepared[0].reward_scale == pytest.approx(length / (hi - lo) if usable else 1.0)
     assert any("cp: no usable reference" in m for m in logs) == (not usable)
     cfg = _cfg([str(out / "cp.parquet"), str(out / "cp.parquet")])
     with pytest.raises(DatasetError, match="dataset name 'cp' is used twice"):
@@ -723,3 +727,13 @@ def test_cli_reports_bad_offline_input_in_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     assert "expected POLICY:EPISODES" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("name", ["offline_quickstart.yaml", "offline_cpu.yaml"])
+def test_offline_configs_in_tune_configs_load(name):
+    from pathlib import Path
+
+    from rl_agnostic.offline.config import load_offline_config
+
+    cfg = load_offline_config(Path(__file__).resolve().parents[1] / "tune_configs" / name)
+    assert len(cfg.datasets) >= 3 and cfg.model.kind == "agnostic"

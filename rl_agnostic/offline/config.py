@@ -74,9 +74,10 @@ class IQLSettings:
     normalize_observations: bool = True
     """Standardize observations with each env's dataset mean/std (kept in the checkpoint)."""
     normalize_rewards: bool = True
-    """Scale rewards by 1000 / (ref_max − ref_min) per dataset, so that every dataset's returns
-    span about 1000 (the IQL reference code's locomotion scaling, with the reference range; the
-    datasets' episode-return range when they have no references)."""
+    """Scale rewards by T / (ref_max − ref_min) per dataset, T its mean episode length (1000 when
+    unknown): the random-to-reference return gap becomes one unit per step in every dataset (the
+    IQL reference code's 1000 / return range, for any episode length). Datasets without usable
+    reference scores are left unscaled."""
 
 
 @dataclass(frozen=True)

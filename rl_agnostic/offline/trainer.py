@@ -116,7 +116,12 @@ def _reward_scale(cfg: OfflineConfig, data: TransitionData, info: DatasetInfo,
     if not cfg.iql.normalize_rewards:
         return 1.0
     if info.ref_min_score is not None and info.ref_max_score > info.ref_min_score:
-        return 1000.0 / (info.ref_max_score - info.ref_min_score)
+        # The IQL reference code's locomotion scaling is 1000 / (return range) for 1000-step
+        # episodes; with the mean episode length instead of 1000, short-episode datasets
+        # (Reacher: 50 steps) get per-step rewards of the same size as long ones, so that no
+        # dataset's TD loss dominates the shared network's gradient.
+        length = len(data) / info.num_episodes if info.num_episodes else 1000.0
+        return length / (info.ref_max_score - info.ref_min_score)
     log(f"{info.name}: no usable reference scores (need ref_max > ref_min); rewards not scaled")
     return 1.0
 
