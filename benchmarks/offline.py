@@ -231,6 +231,9 @@ def write_markdown(path: Path, s: dict) -> None:
         "",
         f"- DD-IQL / IQL mean normalized score: **{s['ratio_mean']:.3f}** (goal ≥ 0.97; paper "
         f"0.89).",
+        "- Datasets of one env (hopper-expert, hopper-medium-expert) share that env's task "
+        "context, so DD-IQL has one Hopper policy, trained on both and scored against each "
+        "dataset's references; per-dataset IQL trains one policy per dataset.",
         f"- DD-IQL data-wait fraction of step time: **{100 * s['data_wait_fraction']:.2f} %** "
         f"(goal < 5 %); gradient steps/s: **{s['grad_steps_per_s']:.2f}** (each step: every "
         f"dataset's minibatch and all three IQL losses).",

@@ -4,13 +4,16 @@
     rl-agnostic evaluate CKPT --env ID [--episodes N]
     rl-agnostic collect ENV_ID --policy POLICY:EPISODES [...] --out DIR --name NAME [--seed S]
     rl-agnostic offline CONFIG.yaml [--steps N] [--resume] [--output-dir DIR]
+    rl-agnostic serve CKPT [--host H] [--port P]
+    rl-agnostic tune SWEEP.yaml [--resume]
     rl-agnostic demo [--envs ID ...] [--steps N] [--num-envs K] [--d-model H]
                      [--network-config FILE.yaml] [--seed S]
 
 ``train`` runs DD-PPO over every env type of the config on RLlib (a local Ray started here, or the
 cluster of ``RAY_ADDRESS``). ``evaluate`` acts deterministically with a checkpoint's policy (online
 or offline). ``collect`` writes an offline dataset (Minari + parquet) from policy rollouts;
-``offline`` trains DD-IQL over the config's datasets on Ray Train.
+``offline`` trains DD-IQL over the config's datasets on Ray Train. ``serve`` puts a checkpoint's
+policy behind one Ray Serve HTTP endpoint that acts in any of its envs (or a described new one).
 ``demo`` lets ONE untrained agnostic actor-critic act in several envs of different shapes.
 """
 
@@ -348,6 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the run directory's latest checkpoint")
     off.add_argument("--output-dir", default=None, metavar="DIR",
                      help="parent of the run directory (default: run.output_dir)")
+    srv = sub.add_parser(
+        "serve", help="serve a checkpoint's policy over HTTP (Ray Serve)",
+        description="POST /act {\"env_id\": ..., \"observation\": [...], \"deterministic\": "
+                    "true} returns the action; GET /envs lists the checkpoint's envs. A new env "
+                    "is accepted when the request adds obs_dim and action_space (agnostic "
+                    "checkpoints). Runs until interrupted.")
+    srv.add_argument("checkpoint", metavar="CKPT", help="checkpoint or run directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=_positive_int, default=8000)
+    srv.add_argument("--max-batch-size", type=_positive_int, default=32, metavar="N")
+    tun = sub.add_parser(
+        "tune", help="hyperparameter search over online runs (Ray Tune, ASHA or PBT)",
+        description="SWEEP.yaml names a base run config, a search space of its dotted keys, "
+                    "a scheduler and per-env reference scores (see tune_configs/sweep_*.yaml). "
+                    "Writes results.md and best_config.yaml under output_dir/name.")
+    tun.add_argument("sweep", metavar="SWEEP.yaml")
+    tun.add_argument("--resume", action="store_true",
+                     help="continue an interrupted sweep (Tune's restore)")
     return parser
 
 
@@ -424,6 +445,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_collect(args)
         elif args.command == "offline":
             run_offline(args)
+        elif args.command == "tune":
+            from rl_agnostic.online.config import ConfigError
+            from rl_agnostic.tune import load_sweep_config, run_sweep
+
+            try:
+                sweep = load_sweep_config(args.sweep)
+            except ConfigError as exc:
+                raise CliError(str(exc)) from None
+            run_sweep(sweep, resume=args.resume)
+        elif args.command == "serve":
+            from rl_agnostic.serve import serve_checkpoint
+
+            try:
+                serve_checkpoint(args.checkpoint, args.host, args.port,
+                                 max_batch_size=args.max_batch_size)
+            except (ValueError, FileNotFoundError) as exc:
+                raise CliError(str(exc)) from None
         elif args.command == "demo":
             run_demo(args.envs, steps=args.steps, num_envs=args.num_envs, d_model=args.d_model,
                      network_config=args.network_config, seed=args.seed,

@@ -86,3 +86,39 @@ def read_yaml_mapping(path: str | Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
+
+
+def check_top_level(cls: type, values: Any, source: str, required: tuple[str, ...]) -> str:
+    """The checks every run config's top level shares: a mapping of known keys holding the
+    ``required`` ones, and a ``name`` usable as a directory name. Returns the name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
+    check_keys(values, [f.name for f in dataclasses.fields(cls)], source)
+    for key in required:
+        if key not in values:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    name = values["name"]
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"{source}: name must be a non-empty string without '/', got {name!r}")
+    return name
+
+
+class SectionedConfig:
+    """``replace`` for run configs made of sections (``to_dict`` / ``from_dict`` round trip)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str = "config") -> Any:
+        raise NotImplementedError
+
+    def replace(self, **sections: Any) -> Any:
+        """Copy with whole sections or section fields replaced: ``replace(run={"seed": 1})``."""
+        values = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return type(self).from_dict(values)

@@ -20,7 +20,7 @@ from rl_agnostic.online.normalize import PerEnvObsNormalizer, RunningMeanStd, di
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "tune_configs").glob("*.yaml")
-                     if not p.name.startswith(("network_", "offline_"))
+                     if not p.name.startswith(("network_", "offline_", "sweep_"))
                      or p.name == "offline_experts.yaml")
 
 

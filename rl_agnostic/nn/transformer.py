@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from rl_agnostic.nn.dropout import dropout
 
-
 _FUSED_INFERENCE = hasattr(torch, "_transformer_encoder_layer_fwd")
 
 

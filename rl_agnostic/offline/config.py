@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rl_agnostic.configs import check_keys, parse_network, read_yaml_mapping, section
+from rl_agnostic.configs import (
+    SectionedConfig,
+    check_keys,
+    check_top_level,
+    parse_network,
+    read_yaml_mapping,
+    section,
+)
 from rl_agnostic.nn import Q_KINDS, NetworkConfig
 from rl_agnostic.nn.config import ConfigError
 from rl_agnostic.offline.data import FORMATS
@@ -115,7 +122,7 @@ class OfflineRunSettings:
 
 
 @dataclass(frozen=True)
-class OfflineConfig:
+class OfflineConfig(SectionedConfig):
     """A whole offline run. ``name`` names the run directory."""
 
     name: str
@@ -131,27 +138,9 @@ class OfflineConfig:
         d["model"]["network"] = self.model.network.to_dict()
         return d
 
-    def replace(self, **sections: Any) -> OfflineConfig:
-        """Copy with whole sections or section fields replaced: ``replace(run={"steps": 20})``."""
-        values = self.to_dict()
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(values.get(key), dict):
-                values[key] = {**values[key], **value}
-            else:
-                values[key] = value
-        return OfflineConfig.from_dict(values)
-
     @classmethod
     def from_dict(cls, values: Any, source: str = "config") -> OfflineConfig:
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
-        check_keys(values, [f.name for f in dataclasses.fields(cls)], source)
-        for required in ("name", "datasets"):
-            if required not in values:
-                raise ConfigError(f"{source}: missing required key {required!r}")
-        name = values["name"]
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"{source}: name must be a non-empty string without '/', got {name!r}")
+        name = check_top_level(cls, values, source, ("name", "datasets"))
         datasets = _parse_datasets(values["datasets"], source)
         model = dict(values.get("model") or {})
         check_keys(model, ["kind", "network"], f"{source}: model")

@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from rl_agnostic.envs.spec import EnvSpec
-from rl_agnostic.nn import ActorCritic, NetworkConfig, TwinQ, build_actor_critic, build_twin_q
+from rl_agnostic.nn import (
+    ActorCritic,
+    NetworkConfig,
+    TwinQ,
+    build_actor_critic,
+    build_twin_q,
+)
 from rl_agnostic.nn.optim import param_groups
 
 EXP_ADV_MAX = 100.0

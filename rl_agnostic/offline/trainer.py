@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ import numpy as np
 import yaml
 
 from rl_agnostic.envs.spec import EnvSpec
+from rl_agnostic.metrics import RunMetrics
 from rl_agnostic.offline.config import OfflineConfig
 from rl_agnostic.offline.data import (
     DatasetError,
@@ -51,7 +53,7 @@ from rl_agnostic.offline.data import (
     shard_to_arrays,
     to_ray_dataset,
 )
-from rl_agnostic.online.normalize import RunningMeanStd
+from rl_agnostic.online.normalize import RunningMeanStd, standardize
 
 POLICY_FILE = "policy.pt"
 STATE_FILE = "iql_state.pt"
@@ -192,9 +194,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         spec = specs[d]
         if cfg.iql.normalize_observations:
             stats = obs_stats[spec.env_id]
-            for key in ("observations", "next_observations"):
-                arrays[key] = np.clip((arrays[key] - stats.mean) / (stats.std + 1e-8),
-                                      -OBS_CLIP, OBS_CLIP)
+            for key in ("observations", "next_observations"):  # as the Agent does when acting
+                arrays[key] = standardize(arrays[key], stats, OBS_CLIP)
         arrays["rewards"] = arrays["rewards"] * config["reward_scales"][d]
         buffers[d] = {k: torch.as_tensor(np.ascontiguousarray(v)).to(
             device, torch.int64 if k == "actions" and spec.is_discrete else torch.float32)
@@ -212,9 +213,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         generator.set_state(state["generators"][rank % len(state["generators"])])
         start = state["step"]
         if rank == 0:
-            print(f"resumed from step {start:,}", flush=True)
+            _say(f"resumed from step {start:,}")
 
     out = Path(config["run_dir"])
+    gauges = RunMetrics(cfg.name)
     log_rows: list[str] = []
     sums = {"data_s": 0.0, "step_s": 0.0, "steps": 0}
     for step in range(start + 1, cfg.run.steps + 1):
@@ -269,8 +271,12 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and evaluate_now:
             metrics.update(_evaluate(nets, cfg, config, specs, obs_stats))
         if rank == 0:
-            line = _progress_line(step, cfg.run.steps, metrics, names)
-            print(line, flush=True)
+            _say(_progress_line(step, cfg.run.steps, metrics, names))
+            gauges.set("rl_agnostic_grad_steps_per_s", metrics["perf/grad_steps_per_s"])
+            gauges.set("rl_agnostic_data_wait_fraction", metrics["perf/data_wait_fraction"])
+            gauges.set_per("rl_agnostic_normalized_score", {
+                n: metrics[f"dataset/{n}/normalized_score"] for n in names
+                if f"dataset/{n}/normalized_score" in metrics}, "dataset")
             log_rows.append(json.dumps(metrics))
             with open(out / "metrics.jsonl", "a") as f:
                 f.write("\n".join(log_rows) + "\n")
@@ -279,6 +285,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             metrics["sync/max_weight_diff"] = _max_weight_diff(nets, distributed)
             _report_checkpoint(nets, optimizer, generator, step, metrics, cfg, config, specs,
                                obs_stats, rank, world, distributed)
+
+
+def _say(text: str) -> None:
+    """One progress line on the worker's stdout (which Ray forwards to the driver). Not print():
+    Ray Train patches it to log the text AND echo it, so each line would show twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _gather_metrics(losses: dict[int, dict], names: list[str], holders: int, distributed: bool,
@@ -383,6 +396,8 @@ def _report_checkpoint(nets, optimizer, generator, step: int, metrics: dict, cfg
     import torch
     import torch.distributed as dist
 
+    from rl_agnostic.online.agent import policy_file_contents
+
     gen_state = generator.get_state()
     states = [gen_state]
     if distributed:
@@ -393,14 +408,10 @@ def _report_checkpoint(nets, optimizer, generator, step: int, metrics: dict, cfg
         return
     name = f"ckpt_{step:06d}"
     with tempfile.TemporaryDirectory() as tmp:
-        policy = {
-            "format": 1, "kind": cfg.model.kind, "network_config": cfg.model.network.to_dict(),
-            "specs": {s.env_id: dataclasses.asdict(s) for s in specs},
-            "network": {k: v.detach().cpu() for k, v in nets.actor_critic.state_dict().items()},
-            "obs_stats": ({e: {"base": s.to_state()} for e, s in obs_stats.items()}
-                          if cfg.iql.normalize_observations else {}),
-            "step": step, "config": cfg.to_dict(), "algorithm": "iql",
-        }
+        policy = policy_file_contents(
+            cfg.model.kind, cfg.model.network, specs, nets.actor_critic.state_dict(),
+            obs_stats if cfg.iql.normalize_observations else {},
+            step=step, config=cfg.to_dict(), algorithm="iql")
         torch.save(policy, Path(tmp) / POLICY_FILE)
         torch.save({"nets": nets.state_dict(), "optimizer": optimizer.state_dict(),
                     "generators": states, "step": step}, Path(tmp) / STATE_FILE)

@@ -5,7 +5,8 @@ the env's bounds)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,22 @@ class Agent:
         if spec.is_discrete:
             return action.astype(np.int64)
         return to_env_action(action, spec)
+
+
+def policy_file_contents(kind: str, network_config: NetworkConfig, specs: Iterable[EnvSpec],
+                         network_state: dict[str, Any], obs_stats: dict[str, RunningMeanStd],
+                         **extra: Any) -> dict[str, Any]:
+    """What a checkpoint's ``policy.pt`` holds (`Agent.load` reads it): the model kind, network
+    config, env specs, actor-critic weights and per-env observation statistics, plus ``extra``
+    (steps, the run config, ...)."""
+    return {
+        "format": 1, "kind": kind, "network_config": network_config.to_dict(),
+        "specs": {s.env_id: dataclasses.asdict(s) for s in specs},
+        "network": {k: torch.as_tensor(np.asarray(v.detach().cpu() if hasattr(v, "detach")
+                                                  else v)) for k, v in network_state.items()},
+        "obs_stats": {e: {"base": s.to_state()} for e, s in obs_stats.items()},
+        **extra,
+    }
 
 
 def to_env_action(action: np.ndarray, spec: EnvSpec) -> np.ndarray:

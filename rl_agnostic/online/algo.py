@@ -11,7 +11,11 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.tune.registry import register_env
 
 from rl_agnostic.online.config import TrainConfig
-from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv, assign_env_types, make_rllib_env
+from rl_agnostic.online.envs import (
+    SingleEnvTypeMultiAgentEnv,
+    assign_env_types,
+    make_rllib_env,
+)
 from rl_agnostic.online.learner import SharedNetworkPPOLearner
 from rl_agnostic.online.module import SharedNetworkMultiRLModule, env_module_spec
 from rl_agnostic.online.normalize import PerEnvObsNormalizer, PerEnvRewardScaler

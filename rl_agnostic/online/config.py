@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 
-from rl_agnostic.configs import check_keys, parse_network, read_yaml_mapping, section
+from rl_agnostic.configs import (
+    SectionedConfig,
+    check_keys,
+    check_top_level,
+    parse_network,
+    read_yaml_mapping,
+    section,
+)
 from rl_agnostic.envs.make import ENVPOOL_PREFIX
 from rl_agnostic.nn import KINDS, NetworkConfig
 from rl_agnostic.nn.config import ConfigError
@@ -122,7 +129,7 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SectionedConfig):
     """A whole online run. ``name`` names the run directory."""
 
     name: str
@@ -147,27 +154,9 @@ class TrainConfig:
         d["model"]["network"] = self.model.network.to_dict()
         return d
 
-    def replace(self, **sections: Any) -> TrainConfig:
-        """Copy with whole sections or section fields replaced: ``replace(run={"seed": 1})``."""
-        values = self.to_dict()
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(values.get(key), dict):
-                values[key] = {**values[key], **value}
-            else:
-                values[key] = value
-        return TrainConfig.from_dict(values)
-
     @classmethod
     def from_dict(cls, values: Any, source: str = "config") -> TrainConfig:
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(values).__name__}")
-        check_keys(values, [f.name for f in dataclasses.fields(cls)], source)
-        for required in ("name", "envs"):
-            if required not in values:
-                raise ConfigError(f"{source}: missing required key {required!r}")
-        name = values["name"]
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"{source}: name must be a non-empty string without '/', got {name!r}")
+        name = check_top_level(cls, values, source, ("name", "envs"))
         envs = _parse_envs(values["envs"], source)
         model = dict(values.get("model") or {})
         check_keys(model, ["kind", "network"], f"{source}: model")

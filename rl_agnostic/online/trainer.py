@@ -17,7 +17,6 @@ Run directory ``<run.output_dir>/<name>/``:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -79,11 +78,13 @@ class OnlineTrainer:
     """Builds the RLlib algorithm of ``cfg`` and trains it; see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None,
-                 stop_env_steps: int | None = None,
+                 restore_from: Path | None = None, stop_env_steps: int | None = None,
                  log: Callable[[str], None] | None = None,
                  customize: Callable[[Any], Any] | None = None) -> None:
-        """``customize`` receives the RLlib ``AlgorithmConfig`` before it is built and returns the
-        config to build (e.g. to add callbacks or swap the learner class)."""
+        """``resume`` continues from the run directory's latest checkpoint, ``restore_from`` from
+        a given checkpoint directory (Ray Tune hands trials theirs). ``customize`` receives the
+        RLlib ``AlgorithmConfig`` before it is built and returns the config to build (e.g. to add
+        callbacks or swap the learner class)."""
         from rl_agnostic.online.algo import build_algorithm_config, env_spaces
 
         self.cfg = cfg
@@ -91,7 +92,7 @@ class OnlineTrainer:
         self.log = log or (lambda text: print(text, flush=True))
         # Everything that can be wrong with the input fails here, before any actor starts.
         self.spaces = env_spaces(cfg)
-        resume_from = latest_checkpoint(self.dir) if resume else None
+        resume_from = restore_from or (latest_checkpoint(self.dir) if resume else None)
         if resume and resume_from is None:
             self.log(f"--resume: no checkpoint in {self.dir}, starting a new run")
         init_policy = load_policy_file(init_from) if init_from else None
@@ -115,6 +116,9 @@ class OnlineTrainer:
         from tensorboardX import SummaryWriter  # a dependency of ray[tune]
 
         self._tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
+        from rl_agnostic.metrics import RunMetrics
+
+        self._gauges = RunMetrics(cfg.name)  # Ray dashboard / Prometheus
         if resume_from is not None:
             self.algo.restore_from_path(resume_from / "algorithm")
             meta = json.loads((resume_from / "trainer.json").read_text())
@@ -195,6 +199,8 @@ class OnlineTrainer:
             metrics: dict[str, float] = {
                 "iteration": self.iteration, "num_env_steps": total,
                 "perf/env_steps_per_s": (total - prev) / dt, "perf/iteration_s": dt,
+                # each sampled step is trained on num_epochs times
+                "perf/learner_samples_per_s": (total - prev) * self.cfg.ppo.num_epochs / dt,
                 "model/num_parameters": self.num_parameters,
             }
             for env_id in self.cfg.env_ids:
@@ -229,6 +235,10 @@ class OnlineTrainer:
         for key, value in item.metrics.items():
             self._tensorboard.add_scalar(key, value, global_step=step)
         self._tensorboard.flush()
+        self._gauges.set_per("rl_agnostic_episode_return", item.returns, "env_id")
+        self._gauges.set("rl_agnostic_env_steps_per_s", item.metrics["perf/env_steps_per_s"])
+        self._gauges.set("rl_agnostic_learner_samples_per_s",
+                         item.metrics["perf/learner_samples_per_s"])
         env_text = " | ".join(
             f"{e} {item.returns[e]:.1f}" if e in item.returns else f"{e} -"
             for e in self.cfg.env_ids)
@@ -239,6 +249,9 @@ class OnlineTrainer:
     def save_checkpoint(self, env_steps: dict[str, int]) -> Path:
         import torch
 
+        from rl_agnostic.online.agent import policy_file_contents
+        from rl_agnostic.online.normalize import RunningMeanStd
+
         base = self.dir / "checkpoints"
         base.mkdir(parents=True, exist_ok=True)
         name = f"ckpt_{self.iteration:06d}"
@@ -246,14 +259,12 @@ class OnlineTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.algo.save_to_path(tmp / "algorithm")
-        policy = {
-            "format": 1, "kind": self.cfg.model.kind,
-            "network_config": self.cfg.model.network.to_dict(),
-            "specs": {e: _spec_dict(e, *self.spaces[e]) for e in self.cfg.env_ids},
-            "network": {k: torch.as_tensor(np.asarray(v)) for k, v in self.network_state().items()},
-            "obs_stats": self.obs_stats(), "env_steps": env_steps, "iteration": self.iteration,
-            "config": self.cfg.to_dict(),
-        }
+        policy = policy_file_contents(
+            self.cfg.model.kind, self.cfg.model.network,
+            [EnvSpec.from_spaces(e, *self.spaces[e]) for e in self.cfg.env_ids],
+            self.network_state(),
+            {e: RunningMeanStd.from_state(s["base"]) for e, s in self.obs_stats().items()},
+            env_steps=env_steps, iteration=self.iteration, config=self.cfg.to_dict())
         torch.save(policy, tmp / POLICY_FILE)
         (tmp / "trainer.json").write_text(json.dumps(
             {"iteration": self.iteration, "env_steps": env_steps}))
@@ -270,10 +281,6 @@ class OnlineTrainer:
     def stop(self) -> None:
         self._tensorboard.close()
         self.algo.stop()
-
-
-def _spec_dict(env_id: str, obs_space, act_space) -> dict[str, Any]:
-    return dataclasses.asdict(EnvSpec.from_spaces(env_id, obs_space, act_space))
 
 
 def load_policy_file(path: str | Path) -> dict[str, Any]:
