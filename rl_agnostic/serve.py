@@ -108,7 +108,12 @@ def build_app(checkpoint: str, max_batch_size: int = 32, batch_wait_timeout_s: f
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_cpus": 1})
+    # A replica must accept at least a full batch of requests at once, or the batch never fills
+    # and the proxy backs off and retries (Serve's default max_ongoing_requests is 5). Per-request
+    # access logs would cost more than the forward pass at this size.
+    @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_cpus": 1},
+                      max_ongoing_requests=4 * max_batch_size,
+                      logging_config={"enable_access_log": False})
     class AgnosticPolicy:
         def __init__(self, path: str) -> None:
             import torch

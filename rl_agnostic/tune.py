@@ -271,7 +271,8 @@ def write_results(sweep: SweepConfig, grid, exp_dir: Path) -> dict[str, Any]:
         if result.metrics is None:
             continue
         params = {k: v for k, v in (result.config or {}).items() if k != "__sweep__"}
-        rows.append({"trial": Path(result.path).name, "params": params,
+        rows.append({"trial": result.metrics.get("trial_id", Path(result.path).name),
+                     "params": params,
                      METRIC: result.metrics.get(METRIC),
                      "iterations": result.metrics.get("training_iteration"),
                      "env_steps": result.metrics.get("num_env_steps"),

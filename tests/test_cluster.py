@@ -23,8 +23,8 @@ def test_cluster_launcher_yaml_passes_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
-    validate_config(config)  # jsonschema of ray/autoscaler/ray-schema.json
-    prepared = prepare_config(config)  # fills provider defaults as `ray up` does
+    prepared = prepare_config(config)  # fills provider defaults, as `ray up` does first
+    validate_config(prepared)  # then the jsonschema of ray/autoscaler/ray-schema.json
     assert prepared["head_node_type"] in prepared["available_node_types"]
     assert any("pip install -e /home/ubuntu/rl_agnostic" in c for c in config["setup_commands"])
     assert "g5" in config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"]
@@ -51,11 +51,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray ≥ 2.5x turns token authentication on for new clusters; this loopback-only test cluster
+# (and its jobs, which inherit the node's environment) runs without it. On a real cluster keep it
+# on and give `ray job submit` the token (RAY_AUTH_TOKEN), see cluster/README.md.
+AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 def _ray_start(args: list[str], tmp: Path, name: str) -> subprocess.Popen:
     log = open(tmp / f"{name}.log", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **AUTH_ENV})
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -67,8 +74,11 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_job_submitted_to_a_two_node_cluster_trains_and_checkpoints(tmp_path):
+def test_job_submitted_to_a_two_node_cluster_trains_and_checkpoints(tmp_path, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    for key, value in AUTH_ENV.items():
+        monkeypatch.setenv(key, value)
 
     gcs, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"rla_{os.getpid()}"  # short: Ray's socket paths have a length limit
@@ -113,7 +123,8 @@ def test_job_submitted_to_a_two_node_cluster_trains_and_checkpoints(tmp_path):
         nodes = {n["NodeID"] for n in json.loads(subprocess.run(
             [sys.executable, "-c", "import json, ray; ray.init(address='127.0.0.1:%d'); "
              "print(json.dumps([n for n in ray.nodes() if n['Alive']]))" % gcs],
-            capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])}
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, **AUTH_ENV}).stdout.strip().splitlines()[-1])}
         assert len(nodes) == 2
         run = tmp_path / "runs" / "cluster_job"
         assert (run / "checkpoints" / "latest").is_file()

@@ -73,7 +73,9 @@ def test_asha_sweep_runs_trials_and_writes_results(tmp_path):
     try:
         out = run_sweep(sweep)
         assert len(out["rows"]) == 2 and not any(r["error"] for r in out["rows"])
-        assert all(r["env_steps"] >= 256 for r in out["rows"])
+        # the best trial ran to the step budget; ASHA may have stopped the other one early
+        assert out["rows"][0]["env_steps"] >= 256 or out["rows"][1]["env_steps"] >= 256
+        assert all(r["iterations"] >= 1 for r in out["rows"])
         exp = Path(out["dir"])
         table = (exp / "results.md").read_text()
         assert "normalized_score_mean" in table
