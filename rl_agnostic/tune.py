@@ -56,7 +56,6 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     output_dir: str = "results/tune"
-    seed: int = 0
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
@@ -96,6 +95,9 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         raise ConfigError(f"{src}: scheduler.type must be one of {list(SCHEDULERS)}")
     if sched["type"] == "pbt" and any("grid" in d for d in space.values()):
         raise ConfigError(f"{src}: PBT cannot mutate grid_search keys")
+    if sched["type"] == "pbt" and values.get("max_concurrent_trials", 1) < 2:
+        raise ConfigError(f"{src}: PBT needs its population training at once: set "
+                          f"max_concurrent_trials >= 2 (and resources for that many trials)")
     for key in ("stop_env_steps", "num_samples", "max_concurrent_trials"):
         if key in values and (not isinstance(values[key], int) or values[key] < 1):
             raise ConfigError(f"{src}: {key} must be an integer >= 1")
@@ -105,7 +107,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         stop_env_steps=values["stop_env_steps"],
         num_samples=values.get("num_samples", 4),
         max_concurrent_trials=values.get("max_concurrent_trials", 1), scheduler=sched,
-        output_dir=values.get("output_dir", "results/tune"), seed=values.get("seed", 0))
+        output_dir=values.get("output_dir", "results/tune"))
 
 
 def _lookup(d: dict, dotted: str, src: str) -> None:
@@ -228,10 +230,11 @@ def _scheduler(sweep: SweepConfig):
                              grace_period=s.pop("grace_period", 1),
                              reduction_factor=s.pop("reduction_factor", 2), **s)
     interval = s.pop("perturbation_interval", sweep.base.run.checkpoint_every)
+    # log_config: PBT writes each exploit/explore step to pbt_global.txt in the experiment dir
     return PopulationBasedTraining(time_attr="training_iteration",
                                    perturbation_interval=interval,
                                    hyperparam_mutations=_param_space(sweep.search_space),
-                                   seed=sweep.seed, **s)
+                                   log_config=s.pop("log_config", True), **s)
 
 
 def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -258,8 +261,12 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=_scheduler(sweep),
                                         num_samples=sweep.num_samples,
                                         max_concurrent_trials=sweep.max_concurrent_trials),
+            # PBT restores trials from other trials' checkpoints: keep enough of them that the
+            # one being exploited is not deleted first.
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(out),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=8 if sweep.scheduler["type"] == "pbt"
+                                          else 2)),
         )
     grid = tuner.fit()
     return write_results(sweep, grid, exp_dir)

@@ -53,6 +53,7 @@ def test_shipped_sweeps_load(name):
     ({"search_space": {"ppo.num_minibatches": {"choice": [7]}}}, "num_minibatches (7) must divide"),
     ({"reference_scores": {"Acrobot-v1": [0, 1]}}, "reference_scores needs [random, target]"),
     ({"scheduler": {"type": "hyperband"}}, "scheduler.type must be one of"),
+    ({"scheduler": {"type": "pbt"}}, "PBT needs its population training at once"),
     ({"num_sampels": 3}, "did you mean 'num_samples'"),
 ])
 def test_bad_sweeps_fail_before_ray(tmp_path, change, message):
@@ -87,3 +88,21 @@ def test_asha_sweep_runs_trials_and_writes_results(tmp_path):
         assert {r["trial"] for r in again["rows"]} == {r["trial"] for r in out["rows"]}
     finally:
         ray.shutdown()
+
+
+def test_pbt_sweep_exploits_a_better_trials_checkpoint(tmp_path):
+    sweep = load_sweep_config(_write(
+        tmp_path, name="tiny_pbt", stop_env_steps=384, max_concurrent_trials=2,
+        scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+        search_space={"ppo.actor_lr": {"loguniform": [1e-4, 1e-3]}}))
+    # two trials at once, each 1 CPU (learner) + 0.5 (runner): 3 logical CPUs on this machine
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    try:
+        out = run_sweep(sweep)
+    finally:
+        ray.shutdown()
+    assert len(out["rows"]) == 2 and not any(r["error"] for r in out["rows"])
+    assert all(r["env_steps"] >= 384 for r in out["rows"])
+    # PBT's own log of exploit steps: the worse trial restarted from the better one's checkpoint
+    log = Path(out["dir"]) / "pbt_global.txt"
+    assert log.is_file() and log.read_text().strip()
