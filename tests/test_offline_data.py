@@ -737,3 +737,12 @@ def test_offline_configs_in_tune_configs_load(name):
 
     cfg = load_offline_config(Path(__file__).resolve().parents[1] / "tune_configs" / name)
     assert len(cfg.datasets) >= 3 and cfg.model.kind == "agnostic"
+
+
+def test_collect_into_a_relative_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = collect("CartPole-v1", [PolicySource("random", 2)], "data", "rel", seed=0,
+                      random_episodes=1, log=lambda _: None)
+    assert (tmp_path / "data" / "rel.parquet").is_file()
+    a = read_minari("data/minari/rl_agnostic/rel-v0")
+    assert len(a) == summary["transitions"]

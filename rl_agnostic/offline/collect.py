@@ -187,7 +187,7 @@ def collect(env_id: str, policies: list[PolicySource], out_dir: str | Path, name
     from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
 
     check_env_id(env_id)
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # Minari resolves a relative MINARI_DATASETS_PATH twice
     out.mkdir(parents=True, exist_ok=True)
     env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
     try:
