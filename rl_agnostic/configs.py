@@ -103,11 +103,32 @@ def check_top_level(cls: type, values: Any, source: str, required: tuple[str, ..
     return name
 
 
+def parse_model(values: Any, source: str, kinds: tuple[str, ...], default_network: Any,
+                count: int, what: str) -> dict[str, Any]:
+    """The ``model`` section: ``kind`` (one of ``kinds``; ``single`` needs ``count`` == 1 of
+    ``what``) and ``network`` (`parse_network`, ``default_network`` when absent)."""
+    model = dict(values or {})
+    check_keys(model, ["kind", "network"], f"{source}: model")
+    model["network"] = parse_network(model.get("network", default_network), source)
+    kind = model.setdefault("kind", "agnostic")
+    if kind not in kinds:
+        raise ConfigError(f"{source}: model.kind must be one of {list(kinds)}, got {kind!r}")
+    if kind == "single" and count != 1:
+        raise ConfigError(f"{source}: model.kind 'single' needs exactly one {what}, got {count}")
+    return model
+
+
 class SectionedConfig:
-    """``replace`` for run configs made of sections (``to_dict`` / ``from_dict`` round trip)."""
+    """``to_dict`` and ``replace`` for run configs made of sections: a list section named
+    ``LIST_SECTION`` (envs or datasets), a ``model`` with a `NetworkConfig`, and plain ones."""
+
+    LIST_SECTION = ""
 
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        d = dataclasses.asdict(self)
+        d[self.LIST_SECTION] = [dataclasses.asdict(e) for e in getattr(self, self.LIST_SECTION)]
+        d["model"]["network"] = self.model.network.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, values: Any, source: str = "config") -> Any:

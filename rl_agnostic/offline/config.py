@@ -16,7 +16,7 @@ from rl_agnostic.configs import (
     SectionedConfig,
     check_keys,
     check_top_level,
-    parse_network,
+    parse_model,
     read_yaml_mapping,
     section,
 )
@@ -125,6 +125,8 @@ class OfflineRunSettings:
 class OfflineConfig(SectionedConfig):
     """A whole offline run. ``name`` names the run directory."""
 
+    LIST_SECTION = "datasets"
+
     name: str
     datasets: tuple[DatasetEntry, ...]
     model: OfflineModelSettings = field(default_factory=OfflineModelSettings)
@@ -132,26 +134,12 @@ class OfflineConfig(SectionedConfig):
     resources: OfflineResourceSettings = field(default_factory=OfflineResourceSettings)
     run: OfflineRunSettings = field(default_factory=OfflineRunSettings)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["datasets"] = [dataclasses.asdict(e) for e in self.datasets]
-        d["model"]["network"] = self.model.network.to_dict()
-        return d
-
     @classmethod
     def from_dict(cls, values: Any, source: str = "config") -> OfflineConfig:
         name = check_top_level(cls, values, source, ("name", "datasets"))
         datasets = _parse_datasets(values["datasets"], source)
-        model = dict(values.get("model") or {})
-        check_keys(model, ["kind", "network"], f"{source}: model")
-        network = model.get("network", {"preset": "cpu", "dropout": 0.0})
-        model["network"] = parse_network(network, source)
-        kind = model.get("kind", "agnostic")
-        if kind not in Q_KINDS:
-            raise ConfigError(f"{source}: model.kind must be one of {list(Q_KINDS)}, got {kind!r}")
-        if kind == "single" and len(datasets) != 1:
-            raise ConfigError(f"{source}: model.kind 'single' needs exactly one dataset, "
-                              f"got {len(datasets)}")
+        model = parse_model(values.get("model"), source, Q_KINDS,
+                            {"preset": "cpu", "dropout": 0.0}, len(datasets), "dataset")
         cfg = cls(
             name=name, datasets=datasets, model=OfflineModelSettings(**model),
             iql=section(IQLSettings, values.get("iql"), f"{source}: iql"),

@@ -7,17 +7,15 @@ closest known key. PPO defaults are the paper's Appendix B (Table 2a).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 from rl_agnostic.configs import (
     SectionedConfig,
     check_keys,
     check_top_level,
-    parse_network,
+    parse_model,
     read_yaml_mapping,
     section,
 )
@@ -132,6 +130,8 @@ class RunSettings:
 class TrainConfig(SectionedConfig):
     """A whole online run. ``name`` names the run directory."""
 
+    LIST_SECTION = "envs"
+
     name: str
     envs: tuple[EnvEntry, ...]
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -148,24 +148,11 @@ class TrainConfig(SectionedConfig):
         r = self.resources.num_env_runners
         return len(self.envs) if r is None else r
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["envs"] = [dataclasses.asdict(e) for e in self.envs]
-        d["model"]["network"] = self.model.network.to_dict()
-        return d
-
     @classmethod
     def from_dict(cls, values: Any, source: str = "config") -> TrainConfig:
         name = check_top_level(cls, values, source, ("name", "envs"))
         envs = _parse_envs(values["envs"], source)
-        model = dict(values.get("model") or {})
-        check_keys(model, ["kind", "network"], f"{source}: model")
-        model["network"] = parse_network(model.get("network", "cpu"), source)
-        kind = model.get("kind", "agnostic")
-        if kind not in KINDS:
-            raise ConfigError(f"{source}: model.kind must be one of {list(KINDS)}, got {kind!r}")
-        if kind == "single" and len(envs) != 1:
-            raise ConfigError(f"{source}: model.kind 'single' needs exactly one env, got {len(envs)}")
+        model = parse_model(values.get("model"), source, KINDS, "cpu", len(envs), "env")
         cfg = cls(
             name=name, envs=envs, model=ModelSettings(**model),
             ppo=section(PPOSettings, values.get("ppo"), f"{source}: ppo"),
