@@ -143,3 +143,22 @@ def test_optimizer_state_dict_round_trip():
     opt2.load_state_dict(opt.state_dict())
     assert [g["name"] for g in opt2.param_groups] == ["actor", "critic", "ssm"]
     assert len(opt2.state) == len(opt.state)
+
+
+def test_fallback_after_an_unsupported_fused_kernel_builds_plain_adam(monkeypatch):
+    """On a device without the fused kernel, Adam has already filled fused=True into the group
+    dicts when it raises; the fallback must not inherit that."""
+    from rl_agnostic.nn.optim import adam
+
+    real_adam = torch.optim.Adam
+
+    def adam_without_fused_kernel(params, **kwargs):
+        opt = real_adam(params, **kwargs)  # fills the defaults into the groups, as torch does
+        if kwargs.get("fused"):
+            raise RuntimeError("fused Adam is not supported on this device")
+        return opt
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused_kernel)
+    opt = adam(param_groups(AgnosticActorCritic(CFG)))
+    assert not opt.defaults.get("fused")
+    assert not any(g.get("fused") for g in opt.param_groups)

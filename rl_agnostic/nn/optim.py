@@ -55,7 +55,9 @@ def adam(groups: list[dict], fused: bool | None = None, **adam_kwargs) -> torch.
     if fused is False:
         return torch.optim.Adam(groups, **adam_kwargs)
     try:
-        return torch.optim.Adam(groups, fused=True, **adam_kwargs)
+        # Adam fills its defaults (fused=True among them) into the group dicts it is given before
+        # it checks the kernel: a failed attempt must not leave them in the fallback's groups.
+        return torch.optim.Adam([dict(g) for g in groups], fused=True, **adam_kwargs)
     except (RuntimeError, TypeError, ValueError):
         if fused:  # explicitly requested: do not hide that it is unavailable
             raise
