@@ -156,6 +156,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
     from rl_agnostic.nn.optim import adam
     from rl_agnostic.offline.iql import IQLNetworks
 
@@ -176,11 +177,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)
     nets = IQLNetworks(cfg.model.kind, cfg.model.network, specs).to(device)
     params = [p for p in nets.parameters() if p.requires_grad]
-    for p in params:  # zeros, not None: unused parameters still take part in the all-reduce
-        p.grad = torch.zeros_like(p)
     if distributed:
-        for t in list(nets.parameters()) + list(nets.buffers()):
-            dist.broadcast(t.data, src=0)
+        broadcast_from_rank0(nets)
     i = cfg.iql
     optimizer = adam(nets.optimizer_groups(i.actor_lr, i.critic_lr, i.ssm_lr))
     actor_group = next(g for g in optimizer.param_groups if g["name"] == "actor")
@@ -217,7 +215,6 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     out = Path(config["run_dir"])
     gauges = RunMetrics(cfg.name)
-    log_rows: list[str] = []
     sums = {"data_s": 0.0, "step_s": 0.0, "steps": 0}
     for step in range(start + 1, cfg.run.steps + 1):
         t0 = time.perf_counter()
@@ -234,17 +231,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             losses[d] = parts
             term = parts["total"] / holders
             total = term if total is None else total + term
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad()
         if total is not None:
             total.backward()
-        if distributed:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p))
-                offset += n
+        if distributed:  # sum: each dataset's loss is already divided by its holders
+            all_reduce_gradients(params, mean=False)
         if i.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, i.max_grad_norm)
         if i.actor_cosine_schedule:
@@ -277,10 +268,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             gauges.set_per("rl_agnostic_normalized_score", {
                 n: metrics[f"dataset/{n}/normalized_score"] for n in names
                 if f"dataset/{n}/normalized_score" in metrics}, "dataset")
-            log_rows.append(json.dumps(metrics))
             with open(out / "metrics.jsonl", "a") as f:
-                f.write("\n".join(log_rows) + "\n")
-            log_rows.clear()
+                f.write(json.dumps(metrics) + "\n")
         if final or step % cfg.run.checkpoint_every == 0:
             metrics["sync/max_weight_diff"] = _max_weight_diff(nets, distributed)
             _report_checkpoint(nets, optimizer, generator, step, metrics, cfg, config, specs,

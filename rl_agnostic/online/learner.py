@@ -19,7 +19,6 @@ paper's J_total of Algorithm 1.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core import ALL_MODULES
@@ -28,6 +27,7 @@ from ray.rllib.utils.metrics import (
     NUM_TRAINABLE_PARAMETERS,
 )
 
+from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
 from rl_agnostic.nn.optim import make_optimizer
 
 
@@ -66,9 +66,7 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
 
     def _make_modules_ddp_if_necessary(self) -> None:
         if self._is_distributed():
-            with torch.no_grad():
-                for tensor in self.module.network.state_dict().values():
-                    dist.broadcast(tensor, src=0)
+            broadcast_from_rank0(self.module.network)
 
     def _is_distributed(self) -> bool:
         return self.config.num_learners > 1 and dist.is_available() and dist.is_initialized()
@@ -78,19 +76,8 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
         if not self._is_distributed():
             return grads
         # Every learner must join the collective, even one whose batch was empty.
-        params = list(self._params.items())
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for _, p in params])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        out, offset = {}, 0
-        for ref, p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p)
-            out[ref] = p.grad
-            offset += n
-        return out
+        all_reduce_gradients(list(self._params.values()), mean=True)
+        return {ref: p.grad for ref, p in self._params.items()}
 
     def _log_trainable_parameters(self) -> None:
         params = list(self.module.network.parameters())
