@@ -213,24 +213,15 @@ def read_d4rl_hdf5(path: str | Path, name: str | None = None) -> TransitionData:
         keep = np.nonzero(~timeouts[:-1])[0]
         arrays = {k: raw[k][keep] for k in D4RL_KEYS}
         arrays["next_observations"] = raw["observations"][keep + 1]
-    returns = _episode_returns(raw["rewards"].reshape(-1), raw["terminals"].reshape(-1) > 0,
-                               timeouts)
+    num_episodes = int(np.count_nonzero((raw["terminals"].reshape(-1) > 0) | timeouts))
     task = d4rl_task(path.name)
     ref = D4RL_REF_SCORES.get(task) if task else None
     env_id = attrs.get("env_id")
     info = DatasetInfo(name=name or path.stem, env_id=env_id.decode() if isinstance(env_id, bytes)
                        else env_id, ref_min_score=ref[0] if ref else None,
                        ref_max_score=ref[1] if ref else None, source=str(path),
-                       num_episodes=len(returns))
+                       num_episodes=num_episodes)
     return _transitions(arrays, info)
-
-
-def _episode_returns(rewards: np.ndarray, terminals: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
-    ends = np.nonzero(terminals | timeouts)[0]
-    if len(ends) == 0:
-        return np.zeros(0)
-    sums = np.add.reduceat(rewards.astype(np.float64), np.r_[0, ends[:-1] + 1])
-    return sums
 
 
 # -- Minari -----------------------------------------------------------------------------------
@@ -250,7 +241,7 @@ def read_minari(source: str | Path, name: str | None = None) -> TransitionData:
         raise DatasetError(f"Minari dataset {str(source)!r} cannot be loaded (no download is "
                            f"attempted): {exc}") from None
     parts: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
-    returns = []
+    num_episodes = 0
     for episode in dataset.iterate_episodes():
         obs = np.asarray(episode.observations)
         if not isinstance(episode.observations, np.ndarray):
@@ -261,8 +252,8 @@ def read_minari(source: str | Path, name: str | None = None) -> TransitionData:
         parts["actions"].append(np.asarray(episode.actions))
         parts["rewards"].append(np.asarray(episode.rewards))
         parts["terminals"].append(np.asarray(episode.terminations))
-        returns.append(float(np.sum(episode.rewards)))
-    if not returns:
+        num_episodes += 1
+    if not num_episodes:
         raise DatasetError(f"Minari dataset {source} holds no episodes")
     meta = dataset.storage.metadata
     env_spec = dataset.spec.env_spec
@@ -272,7 +263,7 @@ def read_minari(source: str | Path, name: str | None = None) -> TransitionData:
         env_id=env_spec.id if env_spec is not None else meta.get("rl_agnostic_env_id"),
         ref_min_score=_float_or_none(meta.get("ref_min_score")),
         ref_max_score=_float_or_none(meta.get("ref_max_score")),
-        source=str(source), num_episodes=len(returns))
+        source=str(source), num_episodes=num_episodes)
     return _transitions({f: np.concatenate(v) for f, v in parts.items()}, info)
 
 

@@ -78,8 +78,7 @@ def policy_file_contents(kind: str, network_config: NetworkConfig, specs: Iterab
     return {
         "format": 1, "kind": kind, "network_config": network_config.to_dict(),
         "specs": {s.env_id: dataclasses.asdict(s) for s in specs},
-        "network": {k: torch.as_tensor(np.asarray(v.detach().cpu() if hasattr(v, "detach")
-                                                  else v)) for k, v in network_state.items()},
+        "network": {k: torch.as_tensor(v).detach().cpu() for k, v in network_state.items()},
         "obs_stats": {e: {"base": s.to_state()} for e, s in obs_stats.items()},
         **extra,
     }
