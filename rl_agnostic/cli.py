@@ -314,6 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "another run, e.g. to transfer to new env types")
     train.add_argument("--output-dir", default=None, metavar="DIR",
                        help="parent of the run directory (default: run.output_dir)")
+    exp = sub.add_parser(
+        "experiment", help="run one of the paper's experiments (tables and plots)",
+        description="Run an experiment of tune_configs/experiments/ (mix_to_mix, ablation, "
+                    "mix16, classic_to_mujoco, mujoco_to_classic) or an experiment YAML: every "
+                    "run of every seed, then results/<name>/results.md, results.json and one "
+                    "PNG per phase. Started again, it skips finished runs and resumes the "
+                    "unfinished one.")
+    exp.add_argument("experiment", metavar="NAME|FILE.yaml")
+    exp.add_argument("--scale", default="cpu", help="paper | cpu | tiny (default: %(default)s)")
+    exp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                     help="seeds to run (default: the scale's)")
+    exp.add_argument("--env-steps", type=_positive_int, default=None, metavar="N",
+                     help="env steps per env type and run (default: the scale's)")
+    exp.add_argument("--out", default=None, metavar="DIR",
+                     help="results directory (default: results/<name>)")
+    exp.add_argument("--report-only", action="store_true",
+                     help="rewrite the tables and plots from the finished runs, train nothing")
     ev = sub.add_parser("evaluate", help="deterministic episodes with a checkpoint's policy")
     ev.add_argument("checkpoint", metavar="CKPT", help="checkpoint or run directory")
     ev.add_argument("--env", required=True, action="append", metavar="ID",
@@ -420,6 +437,23 @@ def run_train(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
 
 
+def run_experiment_command(args: argparse.Namespace) -> None:
+    from rl_agnostic.experiments import load_experiment, run_experiment, write_report
+    from rl_agnostic.online.config import ConfigError
+
+    try:
+        exp = load_experiment(args.experiment, args.scale, args.seeds, args.env_steps)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    out = Path(args.out or Path("results") / exp.name)
+    if args.report_only:
+        if not (out / "random.json").is_file():
+            raise CliError(f"--report-only: {out} holds no experiment results")
+        write_report(exp, out)
+    else:
+        run_experiment(exp, out)
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     from rl_agnostic.online.agent import evaluate
 
@@ -439,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             run_train(args)
+        elif args.command == "experiment":
+            run_experiment_command(args)
         elif args.command == "evaluate":
             run_evaluate(args)
         elif args.command == "collect":

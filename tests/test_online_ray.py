@@ -266,3 +266,17 @@ def test_every_model_kind_builds_as_one_shared_network(tmp_path, kind):
         spec = module[e].env_spec
         width = spec.action_dim * (1 if spec.is_discrete else 2)
         assert out[e]["action_dist_inputs"].shape == (2, width)
+
+
+def test_one_runner_hosting_discrete_then_continuous_types_samples_both(local_ray, tmp_path):
+    # RLlib's vector env takes every agent's spaces from its FIRST copy (here CartPole's), and
+    # unsquashes continuous actions with them: without the co-hosted spaces, the Pendulum copies
+    # of the same runner fail with KeyError('Pendulum-v1').
+    cfg = tiny_config(tmp_path, name="cohost", envs=["CartPole-v1", "Pendulum-v1"],
+                      resources={"num_env_runners": 1, "num_envs_per_env_runner": 4})
+    trainer = OnlineTrainer(cfg)
+    try:
+        items = _train(trainer, 2)
+        assert all(items[-1].env_steps[e] >= 2 * 32 * 2 for e in cfg.env_ids)
+    finally:
+        trainer.stop()

@@ -94,7 +94,8 @@ def build_algorithm_config(cfg: TrainConfig, spaces: dict[str, tuple[Any, Any]] 
         AgnosticPPOConfig()
         .environment(ENV_NAME, env_config={
             "env_ids": ids, "num_env_runners": cfg.num_env_runners, "seed": cfg.run.seed,
-            "env_kwargs": {e.env_id: dict(e.kwargs) for e in cfg.envs if e.kwargs}},
+            "env_kwargs": {e.env_id: dict(e.kwargs) for e in cfg.envs if e.kwargs},
+            "spaces": spaces},
             disable_env_checking=True)
         .framework("torch", torch_compile_learner=False)
         .env_runners(

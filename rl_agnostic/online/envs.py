@@ -55,7 +55,11 @@ class SingleEnvTypeMultiAgentEnv(MultiAgentEnv):
     (silently training on it would poison the normalization statistics of every env type).
     """
 
-    def __init__(self, env_id: str, seed: int, env_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, env_id: str, seed: int, env_kwargs: dict[str, Any] | None = None,
+                 cohosted_spaces: dict[str, tuple[gym.Space, gym.Space]] | None = None) -> None:
+        """``cohosted_spaces``: (observation, action) spaces of the other env types of the same
+        runner. RLlib's vector env reads every agent's spaces from its FIRST copy only (e.g. to
+        unsquash actions), so each copy must also declare the spaces of the types beside it."""
         super().__init__()
         self.env_id = env_id
         backend, name = check_env_id(env_id)
@@ -82,8 +86,11 @@ class SingleEnvTypeMultiAgentEnv(MultiAgentEnv):
         self._pending_seed: int | None = seed
         self._steps = 0
         self.agents = self.possible_agents = [env_id]
-        self.observation_spaces = {env_id: flat_box(obs_space)}
-        self.action_spaces = {env_id: act_space if isinstance(act_space, gym.spaces.Discrete)
+        others = {k: v for k, v in (cohosted_spaces or {}).items() if k != env_id}
+        self.observation_spaces = {**{k: o for k, (o, _) in others.items()},
+                                   env_id: flat_box(obs_space)}
+        self.action_spaces = {**{k: a for k, (_, a) in others.items()},
+                              env_id: act_space if isinstance(act_space, gym.spaces.Discrete)
                               else gym.spaces.Box(act_space.low.astype(np.float32),
                                                   act_space.high.astype(np.float32),
                                                   dtype=np.float32)}
@@ -151,4 +158,6 @@ def make_rllib_env(env_ctx: Any) -> SingleEnvTypeMultiAgentEnv:
     k = next(_copies_made[worker])
     env_id = types[k % len(types)]
     seed = int(env_ctx.get("seed", 0)) * 100_003 + worker * 1_009 + k
-    return SingleEnvTypeMultiAgentEnv(env_id, seed=seed, env_kwargs=kwargs_per_env.get(env_id))
+    spaces = env_ctx.get("spaces") or {}
+    return SingleEnvTypeMultiAgentEnv(env_id, seed=seed, env_kwargs=kwargs_per_env.get(env_id),
+                                      cohosted_spaces={t: spaces[t] for t in types if t in spaces})

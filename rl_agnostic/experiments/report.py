@@ -1,0 +1,352 @@
+"""An experiment's results: scores, normalized scores, parameter counts, tables and plots.
+
+- **score** of a run on an env: its training return curve (``env/<id>/episode_return_mean`` per
+  iteration, from ``metrics.jsonl``); *final* = mean over the last ``final_fraction`` of its
+  iterations, *best* = the curve's maximum.
+- **random score**: mean return of uniformly random actions, measured (``random.json``).
+- **normalized score** (paper §4.2): 100·(score − random)/(reference − random), the reference
+  being the reference single-env agent's best score on that env (mean over seeds). Undefined
+  (left out of means) where the reference is not clearly above random (by less than
+  max(5 % of |random|, 10)): a ratio of two noise-level differences says nothing.
+- **parameters**: of each agent's network in each phase, and — for transfer phases — of the
+  network that serves every env seen so far (old and new: the specific agent keeps its pretrained
+  envs' layers and adds new ones, the agnostic network is unchanged).
+
+Files in the output directory: ``results.md`` (tables), ``results.json``, ``<phase>.png`` (one
+panel per env, every agent, mean over seeds with the min–max band), ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from rl_agnostic.experiments.spec import Experiment, Run
+from rl_agnostic.online.trainer import run_dir
+
+RANDOM_FILE = "random.json"
+
+
+def random_score(env_id: str, episodes: int, seed: int = 0,
+                 env_kwargs: dict | None = None) -> float:
+    """Mean return of uniformly random actions over ``episodes`` episodes."""
+    from rl_agnostic.online.agent import episode_returns
+    from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
+
+    env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed, env_kwargs=env_kwargs)
+    space = env.action_spaces[env_id]
+    space.seed(seed)
+    try:
+        return float(np.mean(episode_returns(env, lambda obs: space.sample(), episodes)))
+    finally:
+        env.close()
+
+
+def measure_random_scores(exp: Experiment, out: Path,
+                          say: Callable[[str], None] = print) -> dict[str, float]:
+    """Random scores of every env of ``exp``, cached in ``<out>/random.json``."""
+    path = out / RANDOM_FILE
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    for phase in exp.phases:
+        for env in phase.envs:
+            env_id, kwargs = (env, None) if isinstance(env, str) else (env["id"], env.get("kwargs"))
+            if env_id not in cached:
+                cached[env_id] = random_score(env_id, exp.random_episodes, env_kwargs=kwargs)
+                say(f"random score {env_id}: {cached[env_id]:.1f} "
+                    f"({exp.random_episodes} episodes)")
+    path.write_text(json.dumps(cached, indent=2))
+    return cached
+
+
+def load_curves(metrics_file: Path, env_ids: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(env steps of that env, episode return mean) per iteration of a run's metrics.jsonl."""
+    curves: dict[str, list] = {e: [] for e in env_ids}
+    if not metrics_file.is_file():
+        return curves
+    for line in metrics_file.read_text().splitlines():
+        m = json.loads(line)
+        for e in env_ids:
+            if f"env/{e}/episode_return_mean" in m:
+                curves[e].append((m[f"env/{e}/env_steps"], m[f"env/{e}/episode_return_mean"]))
+    return curves
+
+
+def final_score(curve: list[tuple[int, float]], fraction: float) -> float | None:
+    if not curve:
+        return None
+    k = max(1, int(round(len(curve) * fraction)))
+    return float(np.mean([r for _, r in curve[-k:]]))
+
+
+def best_score(curve: list[tuple[int, float]]) -> float | None:
+    return float(max(r for _, r in curve)) if curve else None
+
+
+def normalize(score: float | None, rand: float, ref: float | None) -> float | None:
+    if score is None or ref is None:
+        return None
+    margin = max(0.05 * abs(rand), 10.0)
+    return 100.0 * (score - rand) / (ref - rand) if ref - rand > margin else None
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), float(np.std(v)), len(v)
+
+
+def collect(exp: Experiment, out: Path) -> dict[str, Any]:
+    """Everything the tables and plots show, from the finished runs on disk."""
+    from rl_agnostic.experiments.run import run_done
+
+    rand = json.loads((out / RANDOM_FILE).read_text())
+    runs = exp.runs(out)
+    by_phase: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_phase[r.phase].append(r)
+    result: dict[str, Any] = {"experiment": exp.name, "scale": exp.scale,
+                              "seeds": list(exp.seeds), "env_steps_per_env": exp.env_steps_per_env,
+                              "random": rand, "phases": {}, "missing_runs": []}
+    for phase in exp.phases:
+        env_ids = exp.env_ids(phase.name)
+        # label -> env -> seed -> (final, best, curve)
+        table: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+        params: dict[str, int] = {}
+        wall: dict[str, float] = defaultdict(float)
+        for r in by_phase[phase.name]:
+            done = run_done(r)
+            if done is None:
+                result["missing_runs"].append(r.key)
+                continue
+            wall[r.label] += done["wall_s"]
+            if r.seed == exp.seeds[0]:
+                if r.mode == "single":
+                    params[r.label] = params.get(r.label, 0) + done["num_parameters"]
+                else:
+                    params[r.label] = done["num_parameters"]
+            curves = load_curves(run_dir(r.config) / "metrics.jsonl", r.config.env_ids)
+            for e, c in curves.items():
+                table[r.label][e][r.seed] = {"final": final_score(c, exp.final_fraction),
+                                             "best": best_score(c), "curve": c}
+        ref_label = exp.reference
+        ref = {e: _mean_std([s["best"] for s in table[ref_label][e].values()])[0]
+               for e in env_ids}
+        scores: dict[str, dict[str, dict]] = {}
+        for label, per_env in table.items():
+            scores[label] = {}
+            for e in env_ids:
+                seeds = per_env.get(e, {})
+                entry = {}
+                for what in ("final", "best"):
+                    raw = [seeds[s][what] for s in sorted(seeds)]
+                    norm = [normalize(x, rand[e], ref[e]) for x in raw]
+                    entry[what] = {"returns": raw, "normalized": norm,
+                                   "normalized_mean_std": _mean_std(norm)[:2],
+                                   "return_mean_std": _mean_std(raw)[:2]}
+                scores[label][e] = entry
+        labels = list(scores)
+        means = {}
+        for label in labels:
+            per_seed = defaultdict(list)
+            for e in env_ids:
+                for s, x in zip(sorted(table[label].get(e, {})), scores[label][e]["final"]["normalized"]):
+                    if x is not None:
+                        per_seed[s].append(x)
+            seed_means = [float(np.mean(v)) for v in per_seed.values() if v]
+            means[label] = _mean_std(seed_means)[:2]
+        result["phases"][phase.name] = {
+            "envs": env_ids, "init_from": phase.init_from, "reference": ref, "labels": labels,
+            "scores": scores, "normalized_final_mean": means, "parameters": params,
+            "wall_s": dict(wall),
+            "curves": {lab: {e: {s: table[lab][e][s]["curve"] for s in table[lab].get(e, {})}
+                             for e in env_ids} for lab in labels},
+        }
+        if phase.init_from:
+            result["phases"][phase.name]["parameters_all_envs"] = _parameters_all_envs(
+                exp, out, phase)
+            if exp.primary:
+                result["phases"][phase.name]["primary_check"] = _primary_check(
+                    exp, scores, env_ids)
+    return result
+
+
+def _parameters_all_envs(exp: Experiment, out: Path, phase) -> dict[str, int]:
+    """Parameters of each multi-env agent's network serving the envs of ``phase`` AND of the
+    phase it transferred from (built from the runs' saved env specs, not trained)."""
+    from rl_agnostic.experiments.run import run_done
+    from rl_agnostic.envs.spec import EnvSpec
+    from rl_agnostic.nn import build_actor_critic
+    from rl_agnostic.online.trainer import load_policy_file
+
+    counts = {}
+    runs = {(r.phase, r.agent, r.mode, r.seed): r for r in exp.runs(out)}
+    seed = exp.seeds[0]
+    for agent, over in exp.agents.items():
+        if over.get("model", {}).get("kind") == "single":
+            continue
+        pre = runs.get((phase.init_from, agent, "plain", seed)) or \
+            runs.get((phase.init_from, agent, "transfer", seed))
+        new = runs.get((phase.name, agent, "transfer", seed))
+        if pre is None or new is None or run_done(pre) is None or run_done(new) is None:
+            continue
+        specs = {}
+        for r in (pre, new):
+            policy = load_policy_file(run_dir(r.config).absolute())
+            specs.update({e: EnvSpec(**s) for e, s in policy["specs"].items()})
+        net = build_actor_critic(new.config.model.kind, new.config.model.network, specs.values())
+        counts[agent] = sum(p.numel() for p in net.parameters())
+    return counts
+
+
+def _primary_check(exp: Experiment, scores: dict, env_ids: list[str]) -> dict[str, Any]:
+    """Per env: is the primary agent's transfer final score ≥ each other column's?"""
+    primary = f"{exp.primary} (transfer)"
+    if primary not in scores:
+        return {}
+    out: dict[str, Any] = {"primary": primary, "versus": {}}
+    for other in scores:
+        if other == primary or other.startswith(exp.reference):
+            continue
+        wins = {}
+        for e in env_ids:
+            a = scores[primary][e]["final"]["return_mean_std"][0]
+            b = scores[other][e]["final"]["return_mean_std"][0]
+            wins[e] = None if a is None or b is None else bool(a >= b)
+        out["versus"][other] = {"per_env": wins,
+                                "count": sum(1 for w in wins.values() if w),
+                                "of": sum(1 for w in wins.values() if w is not None)}
+    return out
+
+
+def _fmt(ms: tuple | list | None) -> str:
+    if not ms or ms[0] is None:
+        return "–"
+    mean, std = ms[0], ms[1]
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
+    lines = [f"# Experiment `{exp.name}` ({exp.scale} scale)", "", exp.description.strip(), "",
+             f"Seeds {list(exp.seeds)}, {exp.env_steps_per_env:,} env steps per env type and run. "
+             "Scores are training returns: *final* = mean over the last "
+             f"{exp.final_fraction:.0%} of iterations, *best* = the curve's maximum. Normalized = "
+             "100·(score − random)/(best single-env score − random) (paper §4.2), mean ± std over "
+             "seeds; – where undefined (the single-env agent not clearly above random).", ""]
+    if result["missing_runs"]:
+        lines += [f"**Incomplete:** {len(result['missing_runs'])} runs have not finished: "
+                  + ", ".join(result["missing_runs"][:8])
+                  + (" …" if len(result["missing_runs"]) > 8 else ""), ""]
+    for name, ph in result["phases"].items():
+        labels = ph["labels"]
+        title = f"## Phase `{name}`" + (f" (from `{ph['init_from']}`)" if ph["init_from"] else "")
+        lines += [title, "", "Final normalized score:", "",
+                  "| env | random | reference | " + " | ".join(labels) + " |",
+                  "|---|---|---|" + "---|" * len(labels)]
+        for e in ph["envs"]:
+            ref = ph["reference"][e]
+            cells = [_fmt(ph["scores"][lab][e]["final"]["normalized_mean_std"]) for lab in labels]
+            lines.append(f"| {e} | {result['random'][e]:.1f} | "
+                         f"{'–' if ref is None else f'{ref:.1f}'} | " + " | ".join(cells) + " |")
+        lines.append("| **mean** (defined envs) | | | "
+                     + " | ".join(f"**{_fmt(ph['normalized_final_mean'][lab])}**" for lab in labels)
+                     + " |")
+        lines += ["", "Best normalized score:", "",
+                  "| env | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for e in ph["envs"]:
+            lines.append(f"| {e} | " + " | ".join(
+                _fmt(ph["scores"][lab][e]["best"]["normalized_mean_std"]) for lab in labels) + " |")
+        lines += ["", "Final return (mean ± std over seeds):", "",
+                  "| env | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for e in ph["envs"]:
+            lines.append(f"| {e} | " + " | ".join(
+                _fmt(ph["scores"][lab][e]["final"]["return_mean_std"]) for lab in labels) + " |")
+        check = ph.get("primary_check")
+        if check:
+            lines += ["", f"`{check['primary']}` final return ≥ the other column's, per env:", "",
+                      "| versus | envs where ≥ | " + " | ".join(ph["envs"]) + " |",
+                      "|---|---|" + "---|" * len(ph["envs"])]
+            for other, v in check["versus"].items():
+                marks = ["–" if w is None else ("✓" if w else "✗") for w in v["per_env"].values()]
+                lines.append(f"| {other} | {v['count']}/{v['of']} | " + " | ".join(marks) + " |")
+        lines += ["", "| agent | parameters (this phase) |"
+                  + (" parameters serving all envs so far |" if ph.get("parameters_all_envs")
+                     else ""),
+                  "|---|---|" + ("---|" if ph.get("parameters_all_envs") else "")]
+        for lab, n in ph["parameters"].items():
+            row = f"| {lab} | {n:,}" + (" (one network per env, summed)" if
+                                        lab.startswith(exp.reference) else "") + " |"
+            if ph.get("parameters_all_envs"):
+                agent = lab.split(" (")[0]
+                n_all = ph["parameters_all_envs"].get(agent) if "(transfer)" in lab else None
+                row += f" {n_all:,} |" if n_all else " |"
+            lines.append(row)
+        lines += ["", f"Wall time of this phase: {sum(ph['wall_s'].values()) / 60:.1f} min ("
+                  + ", ".join(f"{lab} {w / 60:.1f}" for lab, w in ph["wall_s"].items()) + ").",
+                  "", f"![{name} learning curves]({name}.png)", ""]
+    lines += [f"Config: [`config.yaml`](config.yaml). Reproduce: "
+              f"`rl-agnostic experiment {exp.name} --scale {exp.scale}`."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_phase(result: dict, phase: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ph = result["phases"][phase]
+    envs = ph["envs"]
+    cols = min(4, len(envs))
+    rows = -(-len(envs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, e in zip(axes.ravel(), envs):
+        for i, lab in enumerate(ph["labels"]):
+            seeds = [c for c in ph["curves"][lab][e].values() if c]
+            if not seeds:
+                continue
+            end = min(c[-1][0] for c in seeds)
+            grid = np.linspace(min(c[0][0] for c in seeds), end, 50)
+            ys = np.array([np.interp(grid, *zip(*c)) for c in seeds])
+            color = colors[i % len(colors)]
+            ax.plot(grid, ys.mean(0), label=lab, color=color,
+                    ls="--" if "scratch" in lab else "-")
+            if len(seeds) > 1:
+                ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.15)
+        ax.axhline(result["random"][e], color="grey", ls=":", label="random")
+        ax.set_title(e, fontsize=10)
+        ax.set_xlabel("env steps (this env)")
+        ax.set_ylabel("episode return")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    for ax in axes.ravel()[len(envs):]:
+        ax.axis("off")
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.suptitle(f"{result['experiment']} — {phase} ({result['scale']} scale, "
+                 f"{len(result['seeds'])} seeds, mean and min–max)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(exp: Experiment, out: Path, say: Callable[[str], None] = print) -> dict:
+    """Write results.md / results.json / <phase>.png / config.yaml; returns the summary."""
+    out = Path(out)
+    result = collect(exp, out)
+    (out / "config.yaml").write_text(yaml.safe_dump(exp.resolved(), sort_keys=False))
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    write_markdown(exp, result, out / "results.md")
+    for phase in result["phases"]:
+        plot_phase(result, phase, out / f"{phase}.png")
+    summary = {p: ph["normalized_final_mean"] for p, ph in result["phases"].items()}
+    say(f"report: {out / 'results.md'}; final normalized mean per phase and agent: "
+        + json.dumps({p: {k: None if v[0] is None else round(v[0], 1) for k, v in m.items()}
+                      for p, m in summary.items()}))
+    return result

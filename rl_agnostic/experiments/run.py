@@ -1,0 +1,110 @@
+"""Execute an experiment's runs in order, resumably, then write its report.
+
+Each run is an ordinary online run (`rl_agnostic.online.trainer.OnlineTrainer`) in
+``<out>/runs/<phase>/seed<k>/<run name>/``. A finished run leaves ``done.json`` (wall time,
+parameter count, env steps) and is skipped when the experiment is started again; an unfinished one
+resumes from its latest checkpoint. A transfer run starts from the final checkpoint of the same
+agent's run in the ``init_from`` phase. One local Ray serves every run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from rl_agnostic.experiments.spec import Experiment, Run
+from rl_agnostic.nn.config import ConfigError
+from rl_agnostic.online.trainer import _atomic_write_text, latest_checkpoint, run_dir
+
+DONE_FILE = "done.json"
+
+
+def run_done(run: Run) -> dict | None:
+    """The run's done.json, or None while it has not finished."""
+    path = run_dir(run.config) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_run_dir(run: Run) -> None:
+    """A run directory from an earlier start (to skip or resume, possibly another experiment's
+    sharing it) must hold the same config: otherwise its results would be reported as this run's."""
+    path = run_dir(run.config) / "config.yaml"
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text())
+    wanted = run.config.to_dict()
+    # the results directory may have moved since
+    saved.get("run", {}).pop("output_dir", None)
+    wanted["run"].pop("output_dir", None)
+    if saved != wanted:
+        diff = sorted(f"{section}.{k}" for section in wanted
+                      if isinstance(wanted[section], dict) and isinstance(saved.get(section), dict)
+                      for k in set(wanted[section]) | set(saved[section])
+                      if wanted[section].get(k) != saved[section].get(k))
+        raise ConfigError(
+            f"{path.parent} holds a run with a different config ({', '.join(diff) or 'envs/name'}"
+            "); remove that directory or give the experiment another --out")
+
+
+def execute_run(run: Run, log: Callable[[str], None]) -> dict:
+    """Train one run to its budget (resuming when it has a checkpoint); returns its done.json."""
+    from rl_agnostic.online.trainer import OnlineTrainer
+
+    directory = run_dir(run.config)
+    resume = latest_checkpoint(directory.absolute()) is not None
+    init_from = None
+    if run.init_from is not None and not resume:
+        init_from = str(run_dir(run.init_from.config).absolute())
+    t0 = time.perf_counter()
+    trainer = OnlineTrainer(run.config, resume=resume, init_from=init_from, log=log)
+    last = None
+    try:
+        for last in trainer.iterate():
+            pass
+        params = trainer.num_parameters
+    finally:
+        trainer.stop()
+    done = {"wall_s": time.perf_counter() - t0, "num_parameters": params,
+            "env_steps": last.env_steps if last else {}, "init_from": init_from,
+            "resumed": resume}
+    _atomic_write_text(directory / DONE_FILE, json.dumps(done, indent=2))
+    return done
+
+
+def run_experiment(exp: Experiment, out_dir: str | Path, *,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """Run every unfinished run of ``exp``, then write the report; returns the report's summary."""
+    import ray
+
+    from rl_agnostic.experiments.report import measure_random_scores, write_report
+
+    say = log or (lambda text: print(text, flush=True))
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = exp.runs(out)
+    for r in runs:
+        check_run_dir(r)
+    todo = [r for r in runs if run_done(r) is None]
+    say(f"experiment {exp.name} ({exp.scale} scale): {len(runs)} runs over seeds "
+        f"{list(exp.seeds)}, {len(runs) - len(todo)} already done; results in {out}")
+    measure_random_scores(exp, out, say)
+    started_ray = not ray.is_initialized()
+    t_start = time.perf_counter()
+    try:
+        for i, run in enumerate(todo, 1):
+            prefix = f"[{i}/{len(todo)} {run.phase} seed{run.seed} {run.config.name}]"
+            say(f"{prefix} {run.mode}: {len(run.config.envs)} env types, "
+                f"{exp.env_steps_per_env:,} env steps each"
+                + (f", from {run.init_from.key}" if run.init_from else ""))
+            done = execute_run(run, lambda text, p=prefix: say(f"{p} {text}"))
+            elapsed = time.perf_counter() - t_start
+            say(f"{prefix} done in {done['wall_s'] / 60:.1f} min "
+                f"({elapsed / 60:.1f} min since start, {len(todo) - i} runs left)")
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    return write_report(exp, out, say)

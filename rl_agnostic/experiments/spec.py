@@ -1,0 +1,284 @@
+"""An experiment file (``tune_configs/experiments/<name>.yaml``) and the runs it expands to.
+
+An experiment is a sequence of **phases** (e.g. ``pretrain`` then ``transfer``), each a set of env
+types, and a set of **agents** (model sections such as ``{kind: agnostic}``). Every agent trains
+on every phase; a phase with ``init_from: <earlier phase>`` starts each multi-env agent from its
+own final checkpoint of that phase (transfer), and the agents listed in its ``scratch`` also train
+there from freshly initialized weights. Agents of ``kind: single`` train one run per env (the
+reference of the normalized score) and never transfer. ``scales`` hold the budget and the shared
+run settings (``train:``, any `TrainConfig` sections) per scale — ``paper`` for a GPU cluster,
+``cpu`` for a 2-core machine, ``tiny`` for tests — and a seed list.
+
+Everything is validated when the file is loaded: every run's `TrainConfig` is built (unknown keys,
+bad values) and every env id is checked, so a typo fails before the first run starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl_agnostic.configs import check_keys, read_yaml_mapping
+from rl_agnostic.nn.config import ConfigError
+from rl_agnostic.online.config import TrainConfig
+
+__all__ = ["Experiment", "Phase", "Run", "load_experiment", "experiment_path", "EXPERIMENTS_DIR"]
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "tune_configs" / "experiments"
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    envs: tuple[str | dict, ...]
+    """Env entries as in a train config's ``envs`` (ids or mappings with ``kwargs``)."""
+    init_from: str | None = None
+    """Earlier phase whose final checkpoint each multi-env agent starts from (transfer)."""
+    scratch: tuple[str, ...] = ()
+    """Agents that ALSO train this phase from scratch (only meaningful with ``init_from``)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the expanded experiment."""
+
+    phase: str
+    agent: str
+    mode: str
+    """``scratch`` (fresh weights), ``transfer`` (from ``init_from``) or ``single`` (one env)."""
+    seed: int
+    config: TrainConfig
+    init_from: Run | None = None
+
+    @property
+    def label(self) -> str:
+        """Column name in tables and plots: the agent, with ``(transfer)``/``(scratch)`` in
+        phases that transfer."""
+        return self.agent if self.mode in ("single", "plain") else f"{self.agent} ({self.mode})"
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}/{self.config.name}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    phases: tuple[Phase, ...]
+    agents: dict[str, dict]
+    """Agent name → ``{model: …, train: …}`` overrides of the scale's run settings."""
+    reference: str
+    """The single-env agent whose best score per env is the normalized score's 100."""
+    primary: str | None
+    """The agent whose transfer the report checks against every other column, per env."""
+    scale: str
+    seeds: tuple[int, ...]
+    env_steps_per_env: int
+    train: dict
+    """Run settings of this scale shared by every run (`TrainConfig` sections)."""
+    note: str = ""
+    """What this scale changes from the paper's setup."""
+    random_episodes: int = 20
+    final_fraction: float = 0.1
+    """The final score of a run: mean of the training returns of its last fraction of
+    iterations (at least one)."""
+    share_runs_with: str | None = None
+    """Another experiment whose runs directory (``<out>/../<name>/runs``) this one uses, so runs
+    identical in both (same phase, name, seed and config) train once."""
+    source: str = ""
+
+    def runs(self, output_dir: str | Path) -> list[Run]:
+        """Every run, in the order they must execute (a transfer after its pretraining)."""
+        out: list[Run] = []
+        for seed in self.seeds:
+            done: dict[tuple[str, str], Run] = {}
+            for phase in self.phases:
+                base_dir = self.runs_dir(output_dir) / phase.name / f"seed{seed}"
+                for agent, overrides in self.agents.items():
+                    kind = overrides.get("model", {}).get("kind", "agnostic")
+                    if kind == "single":
+                        for env in phase.envs:
+                            env_id = env if isinstance(env, str) else env["id"]
+                            cfg = self._config(f"{agent}_{env_id}", [env], overrides, seed,
+                                               base_dir)
+                            out.append(Run(phase.name, agent, "single", seed, cfg))
+                        continue
+                    modes = ["transfer"] if phase.init_from else ["plain"]
+                    if phase.init_from and agent in phase.scratch:
+                        modes.append("scratch")
+                    for mode in modes:
+                        name = agent if mode == "plain" else f"{agent}_{mode}"
+                        cfg = self._config(name, list(phase.envs), overrides, seed, base_dir)
+                        parent = done.get((phase.init_from, agent)) if mode == "transfer" else None
+                        run = Run(phase.name, agent, mode, seed, cfg, parent)
+                        out.append(run)
+                        if mode != "scratch":
+                            done[(phase.name, agent)] = run
+        return out
+
+    def runs_dir(self, output_dir: str | Path) -> Path:
+        if self.share_runs_with:
+            return Path(output_dir).parent / self.share_runs_with / "runs"
+        return Path(output_dir) / "runs"
+
+    def _config(self, name: str, envs: list, overrides: dict, seed: int,
+                base_dir: Path) -> TrainConfig:
+        values = _merge(copy.deepcopy(self.train), overrides.get("train", {}))
+        values["model"] = _merge(values.get("model", {}), overrides.get("model", {}))
+        values.setdefault("run", {})
+        values["run"].update(seed=seed, output_dir=str(base_dir),
+                             env_steps_per_env=self.env_steps_per_env)
+        return TrainConfig.from_dict({"name": name, "envs": envs, **values},
+                                     f"{self.source}: run {name}")
+
+    def env_ids(self, phase: str) -> list[str]:
+        p = next(p for p in self.phases if p.name == phase)
+        return [e if isinstance(e, str) else e["id"] for e in p.envs]
+
+    def resolved(self) -> dict:
+        """The experiment at this scale, as written to ``config.yaml`` of the results."""
+        return {"name": self.name, "description": self.description, "scale": self.scale,
+                "seeds": list(self.seeds), "env_steps_per_env": self.env_steps_per_env,
+                "phases": {p.name: {"envs": list(p.envs), "init_from": p.init_from,
+                                    "scratch": list(p.scratch)} for p in self.phases},
+                "agents": self.agents, "note": self.note, "reference": self.reference,
+                "primary": self.primary, "train": self.train,
+                "random_episodes": self.random_episodes, "final_fraction": self.final_fraction}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """Deep merge of mappings (``extra`` wins); lists and scalars are replaced."""
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def experiment_path(name_or_path: str | Path) -> Path:
+    """A path as given, or ``tune_configs/experiments/<name>.yaml``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown experiment {str(name_or_path)!r}; known: {', '.join(known)} "
+                          "(or give a path to an experiment YAML)")
+    return candidate
+
+
+def load_experiment(name_or_path: str | Path, scale: str = "cpu",
+                    seeds: list[int] | None = None,
+                    env_steps_per_env: int | None = None) -> Experiment:
+    """Load and validate an experiment at ``scale``; ``seeds``/``env_steps_per_env`` override the
+    scale's."""
+    path = experiment_path(name_or_path)
+    source = str(path)
+    values = read_yaml_mapping(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: must be a mapping")
+    check_keys(values, ["name", "description", "phases", "agents", "reference", "primary",
+                        "scales", "random_episodes", "final_fraction", "share_runs_with"], source)
+    for key in ("name", "phases", "agents", "scales"):
+        if key not in values:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    agents = values["agents"]
+    if not isinstance(agents, dict) or not agents:
+        raise ConfigError(f"{source}: agents must be a non-empty mapping of name → overrides")
+    for name, over in agents.items():
+        if not isinstance(over, dict):
+            raise ConfigError(f"{source}: agents.{name} must be a mapping")
+        check_keys(over, ["model", "train"], f"{source}: agents.{name}")
+    phases = _parse_phases(values["phases"], agents, source)
+    scales = values["scales"]
+    if not isinstance(scales, dict) or scale not in scales:
+        raise ConfigError(f"{source}: unknown scale {scale!r}; this experiment has "
+                          f"{', '.join(scales) if isinstance(scales, dict) else 'none'}")
+    sc = scales[scale]
+    if not isinstance(sc, dict):
+        raise ConfigError(f"{source}: scales.{scale} must be a mapping")
+    check_keys(sc, ["seeds", "env_steps_per_env", "train", "phases", "agents", "note"],
+               f"{source}: scales.{scale}")
+    # A scale may swap the env sets (e.g. cheaper envs on a CPU) and adjust agents.
+    if sc.get("phases") is not None:
+        phases = _parse_phases(sc["phases"], agents, f"{source}: scales.{scale}")
+    for name, over in (sc.get("agents") or {}).items():
+        if name not in agents:
+            raise ConfigError(f"{source}: scales.{scale}.agents: unknown agent {name!r} "
+                              f"({', '.join(agents)})")
+        if over is None:  # `name: null` leaves the agent out at this scale
+            agents = {k: v for k, v in agents.items() if k != name}
+            phases = tuple(Phase(p.name, p.envs, p.init_from,
+                                 tuple(a for a in p.scratch if a != name)) for p in phases)
+        else:
+            agents = {**agents, name: _merge(agents[name], over)}
+    reference = values.get("reference")
+    singles = [a for a, o in agents.items() if o.get("model", {}).get("kind") == "single"]
+    if reference is None:
+        reference = singles[0] if singles else None
+    if reference not in singles:
+        raise ConfigError(f"{source}: reference must name an agent of model kind 'single' "
+                          f"(the normalized score's 100), got {reference!r}")
+    primary = values.get("primary")
+    if primary is not None and primary not in agents:
+        raise ConfigError(f"{source}: primary {primary!r} is not an agent ({', '.join(agents)})")
+    exp = Experiment(
+        name=str(values["name"]), description=str(values.get("description", "")),
+        phases=phases, agents=agents, reference=reference, primary=primary, scale=scale,
+        seeds=tuple(seeds if seeds is not None else sc.get("seeds", [0])),
+        env_steps_per_env=int(env_steps_per_env or sc.get("env_steps_per_env", 100_000)),
+        train=sc.get("train") or {}, note=str(sc.get("note", "")).strip(),
+        random_episodes=int(values.get("random_episodes", 20)),
+        final_fraction=float(values.get("final_fraction", 0.1)),
+        share_runs_with=values.get("share_runs_with"), source=source)
+    if not exp.seeds:
+        raise ConfigError(f"{source}: no seeds")
+    _check_env_ids(exp)
+    exp.runs("validate")  # builds every TrainConfig: bad keys and values fail here
+    return exp
+
+
+def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
+    if not isinstance(values, dict) or not values:
+        raise ConfigError(f"{source}: phases must be a mapping of phase name → {{envs: [...]}}")
+    phases: list[Phase] = []
+    for name, p in values.items():
+        where = f"{source}: phases.{name}"
+        if not isinstance(p, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        check_keys(p, ["envs", "init_from", "scratch"], where)
+        envs = p.get("envs")
+        if not isinstance(envs, list) or not envs:
+            raise ConfigError(f"{where}.envs must be a non-empty list")
+        init_from = p.get("init_from")
+        if init_from is not None and init_from not in [q.name for q in phases]:
+            raise ConfigError(f"{where}.init_from {init_from!r} must name an EARLIER phase "
+                              f"({', '.join(q.name for q in phases) or 'none'})")
+        scratch = tuple(p.get("scratch") or ())
+        for agent in scratch:
+            if agent not in agents:
+                raise ConfigError(f"{where}.scratch: unknown agent {agent!r} "
+                                  f"({', '.join(agents)})")
+        if scratch and init_from is None:
+            raise ConfigError(f"{where}.scratch needs init_from (every run of a phase without "
+                              "init_from is from scratch already)")
+        phases.append(Phase(str(name), tuple(envs), init_from, scratch))
+    return tuple(phases)
+
+
+def _check_env_ids(exp: Experiment) -> None:
+    from rl_agnostic.envs.make import check_env_id
+
+    for phase in exp.phases:
+        for env in phase.envs:
+            env_id = env if isinstance(env, str) else env.get("id")
+            try:
+                check_env_id(env_id)
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"{exp.source}: phases.{phase.name}: {exc}") from None

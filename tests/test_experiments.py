@@ -1,0 +1,181 @@
+"""`rl-agnostic experiment`: experiment files, their expansion into runs, the report's scores, and
+the tiny scale of mix_to_mix and ablation run end to end on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rl_agnostic.cli import main
+from rl_agnostic.experiments import load_experiment, run_experiment
+from rl_agnostic.experiments.report import _primary_check, final_score, normalize
+from rl_agnostic.experiments.spec import EXPERIMENTS_DIR
+from rl_agnostic.nn.config import ConfigError
+
+SHIPPED = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def test_the_papers_experiments_are_shipped():
+    assert {"mix16", "mix_to_mix", "classic_to_mujoco", "mujoco_to_classic",
+            "ablation"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("scale", ["paper", "cpu", "tiny"])
+def test_shipped_experiment_expands_into_valid_ordered_runs(name, scale):
+    exp = load_experiment(name, scale)
+    runs = exp.runs("/tmp/out")
+    assert runs and {r.seed for r in runs} == set(exp.seeds)
+    seen = set()
+    for r in runs:
+        if r.mode == "single":
+            assert len(r.config.envs) == 1 and r.config.model.kind == "single"
+        if r.mode == "transfer":
+            # starts from the SAME agent's run of the earlier phase, which runs before it
+            assert r.init_from.agent == r.agent and r.init_from.seed == r.seed
+            assert (r.init_from.key, r.seed) in seen and r.init_from.phase != r.phase
+        assert r.config.run.env_steps_per_env == exp.env_steps_per_env
+        seen.add((r.key, r.seed))
+    assert len({(r.key, r.seed) for r in runs}) == len(runs)
+
+
+def test_scale_overrides_swap_envs_and_leave_agents_out():
+    cpu, paper = load_experiment("mix_to_mix", "cpu"), load_experiment("mix_to_mix", "paper")
+    assert "agnostic-bigru" in paper.agents and "agnostic-bigru" not in cpu.agents
+    tiny = load_experiment("mix16", "tiny")
+    assert tiny.env_ids("train") == ["CartPole-v1", "Pendulum-v1"]
+    assert load_experiment("mix16", "cpu", seeds=[3, 4], env_steps_per_env=7).seeds == (3, 4)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: x
+phases:
+  a: {envs: [CartPole-v1]}
+  b: {envs: [Pendulum-v1], init_from: a, scratch: [agn]}
+agents:
+  single: {model: {kind: single}}
+  agn: {model: {kind: agnostic}}
+scales:
+  cpu: {seeds: [0], env_steps_per_env: 10}
+"""
+
+
+@pytest.mark.parametrize("change,message", [
+    (("agn: {model: {kind: agnostic}}", "agn: {modle: {kind: agnostic}}"), "did you mean 'model'"),
+    (("init_from: a", "init_from: c"), "must name an EARLIER phase"),
+    (("scratch: [agn]", "scratch: [agm]"), "unknown agent 'agm'"),
+    (("[Pendulum-v1]", "[Pendulum-v9]"), "Pendulum-v9"),
+    (("env_steps_per_env: 10", "env_steps_per_env: 10, train: {ppo: {num_epoch: 2}}"),
+     "did you mean 'num_epochs'"),
+    (("single: {model: {kind: single}}", "single: {model: {kind: agnostic}}"),
+     "reference must name an agent of model kind 'single'"),
+])
+def test_bad_experiment_files_fail_before_any_run(tmp_path, change, message):
+    assert load_experiment(_write(tmp_path, BASE), "cpu").runs("/tmp/o")
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(_write(tmp_path, BASE.replace(*change)), "cpu")
+
+
+def test_unknown_experiment_or_scale_is_a_clear_cli_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["experiment", "mix_to_mixx"])
+    assert exc.value.code == 2 and "unknown experiment 'mix_to_mixx'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experiment", "mix_to_mix", "--scale", "huge"])
+    assert "unknown scale 'huge'" in capsys.readouterr().err
+
+
+def test_scores_normalize_against_the_reference_and_undefined_near_random():
+    curve = [(i, float(i)) for i in range(1, 21)]
+    assert final_score(curve, 0.1) == pytest.approx(19.5)
+    assert final_score([], 0.1) is None
+    assert normalize(60.0, rand=20.0, ref=100.0) == pytest.approx(50.0)
+    assert normalize(60.0, rand=-1000.0, ref=-980.0) is None  # within 5 % of |random|
+    assert normalize(None, 0.0, 100.0) is None
+
+
+def test_primary_check_counts_envs_per_other_column():
+    exp = load_experiment("mix_to_mix", "tiny")
+
+    def entry(x):
+        return {"final": {"return_mean_std": (x, 0.0)}}
+
+    scores = {"agnostic-s4 (transfer)": {"A": entry(5), "B": entry(1)},
+              "specific (transfer)": {"A": entry(4), "B": entry(2)},
+              "agnostic-s4 (scratch)": {"A": entry(5), "B": entry(None)},
+              "single-env": {"A": entry(9), "B": entry(9)}}
+    check = _primary_check(exp, scores, ["A", "B"])["versus"]
+    assert check["specific (transfer)"] == {"per_env": {"A": True, "B": False}, "count": 1,
+                                            "of": 2}
+    assert check["agnostic-s4 (scratch)"]["count"] == 1
+    assert check["agnostic-s4 (scratch)"]["of"] == 1
+    assert "single-env" not in check
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "mix_to_mix"
+    lines: list[str] = []
+    result = run_experiment(load_experiment("mix_to_mix", "tiny"), out, log=lines.append)
+    return out, result, lines
+
+
+def test_tiny_mix_to_mix_writes_tables_plots_and_parameter_counts(tiny_results):
+    out, result, lines = tiny_results
+    for name in ("results.md", "results.json", "pretrain.png", "transfer.png", "config.yaml",
+                 "random.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert not result["missing_runs"]
+    pre, tr = result["phases"]["pretrain"], result["phases"]["transfer"]
+    assert set(tr["labels"]) >= {"agnostic-s4 (transfer)", "agnostic-s4 (scratch)",
+                                 "specific (transfer)", "single-env"}
+    # the agnostic network needs nothing new for new envs; the specific one adds layers
+    assert tr["parameters"]["agnostic-s4 (transfer)"] == pre["parameters"]["agnostic-s4"]
+    assert tr["parameters_all_envs"]["agnostic-s4"] == pre["parameters"]["agnostic-s4"]
+    assert tr["parameters_all_envs"]["specific"] > pre["parameters"]["specific"]
+    # the runs' curves reached the report (a random CartPole episode lasts ~20 steps)
+    for label in ("single-env", "agnostic-s4"):
+        assert pre["curves"][label]["CartPole-v1"][0], label
+    done = json.loads((out / "runs/transfer/seed0/agnostic-s4_transfer/done.json").read_text())
+    assert done["init_from"].endswith("runs/pretrain/seed0/agnostic-s4")
+    md = (out / "results.md").read_text()
+    assert "Phase `transfer` (from `pretrain`)" in md and "agnostic-s4 (transfer)" in md
+    assert yaml.safe_load((out / "config.yaml").read_text())["scale"] == "tiny"
+    assert any("initialized weights from" in line for line in lines)
+
+
+def test_restarting_skips_finished_runs_and_shared_runs_are_reused(tiny_results):
+    out, _, _ = tiny_results
+    lines: list[str] = []
+    run_experiment(load_experiment("mix_to_mix", "tiny"), out, log=lines.append)
+    assert "11 already done" in lines[0] and not any("iter" in line for line in lines)
+    # ablation shares mix_to_mix's runs: only its two new variants train
+    abl = out.parent / "ablation"
+    lines = []
+    result = run_experiment(load_experiment("ablation", "tiny"), abl, log=lines.append)
+    assert "6 runs" in lines[0] and "4 already done" in lines[0]
+    assert set(result["phases"]["pretrain"]["labels"]) == {
+        "single-env", "agnostic-s4", "no-transformer", "no-mid-mlp", "agnostic-bigru"}
+    assert (abl / "pretrain.png").is_file() and (abl / "results.md").is_file()
+
+
+def test_a_run_directory_with_another_config_is_refused(tiny_results, tmp_path):
+    out, _, _ = tiny_results
+    copy = tmp_path / "mix_to_mix"
+    shutil.copytree(out, copy)
+    cfg_file = copy / "runs/pretrain/seed0/agnostic-s4/config.yaml"
+    saved = yaml.safe_load(cfg_file.read_text())
+    saved["ppo"]["num_epochs"] = 3
+    cfg_file.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="different config.*ppo.num_epochs"):
+        run_experiment(load_experiment("mix_to_mix", "tiny"), copy, log=lambda text: None)
