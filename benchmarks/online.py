@@ -31,21 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rl_agnostic.experiments.report import load_curves, normalize, random_score
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "tune_configs" / "classic4_cpu.yaml"
-
-
-def random_score(env_id: str, episodes: int, seed: int = 0) -> float:
-    from rl_agnostic.online.agent import episode_returns
-    from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
-
-    env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
-    space = env.action_spaces[env_id]
-    space.seed(seed)
-    try:
-        return float(np.mean(episode_returns(env, lambda obs: space.sample(), episodes)))
-    finally:
-        env.close()
 
 
 def stock_rllib_cartpole(iterations: int) -> dict:
@@ -170,12 +159,7 @@ def main() -> None:
 
 
 def normalized_scores(agnostic: dict, single: dict, rand: dict) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for e in agnostic:
-        denom = single[e] - rand[e]
-        margin = max(0.05 * abs(rand[e]), 10.0)
-        out[e] = 100.0 * (agnostic[e] - rand[e]) / denom if denom > margin else None
-    return out
+    return {e: normalize(agnostic[e], rand[e], single[e]) for e in agnostic}
 
 
 def rerender(out: Path) -> None:
@@ -191,16 +175,6 @@ def rerender(out: Path) -> None:
     agn = load_curves(runs / "agnostic" / "metrics.jsonl", envs)
     sgl = {e: load_curves(runs / f"single_{e}" / "metrics.jsonl", [e])[e] for e in envs}
     plot(out / "online.png", envs, agn, sgl, s["random"])
-
-
-def load_curves(path: Path, envs: list[str]) -> dict[str, list]:
-    curves: dict[str, list] = {e: [] for e in envs}
-    for line in path.read_text().splitlines():
-        m = json.loads(line)
-        for e in envs:
-            if f"env/{e}/episode_return_mean" in m:
-                curves[e].append((m[f"env/{e}/env_steps"], m[f"env/{e}/episode_return_mean"]))
-    return curves
 
 
 def write_markdown(path: Path, s: dict) -> None:

@@ -80,7 +80,7 @@ def load_curves(metrics_file: Path, env_ids: list[str]) -> dict[str, list[tuple[
 def final_score(curve: list[tuple[int, float]], fraction: float) -> float | None:
     if not curve:
         return None
-    k = max(1, int(round(len(curve) * fraction)))
+    k = max(1, round(len(curve) * fraction))
     return float(np.mean([r for _, r in curve[-k:]]))
 
 
@@ -180,8 +180,8 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
 def _parameters_all_envs(exp: Experiment, out: Path, phase) -> dict[str, int]:
     """Parameters of each multi-env agent's network serving the envs of ``phase`` AND of the
     phase it transferred from (built from the runs' saved env specs, not trained)."""
-    from rl_agnostic.experiments.run import run_done
     from rl_agnostic.envs.spec import EnvSpec
+    from rl_agnostic.experiments.run import run_done
     from rl_agnostic.nn import build_actor_critic
     from rl_agnostic.online.trainer import load_policy_file
 
@@ -234,11 +234,13 @@ def _fmt(ms: tuple | list | None) -> str:
 
 def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
     lines = [f"# Experiment `{exp.name}` ({exp.scale} scale)", "", exp.description.strip(), "",
-             f"Seeds {list(exp.seeds)}, {exp.env_steps_per_env:,} env steps per env type and run. "
-             "Scores are training returns: *final* = mean over the last "
-             f"{exp.final_fraction:.0%} of iterations, *best* = the curve's maximum. Normalized = "
-             "100·(score − random)/(best single-env score − random) (paper §4.2), mean ± std over "
-             "seeds; – where undefined (the single-env agent not clearly above random).", ""]
+             f"**Scale `{exp.scale}`:** {exp.note or '(no note)'}", "",
+             (f"Seeds {list(exp.seeds)}, {exp.env_steps_per_env:,} env steps per env type and "
+              "run. Scores are training returns: *final* = mean over the last "
+              f"{exp.final_fraction:.0%} of iterations, *best* = the curve's maximum. Normalized "
+              "= 100·(score − random)/(best single-env score − random) (paper §4.2), mean ± std "
+              "over seeds; – where undefined (the single-env agent not clearly above random)."),
+             ""]
     if result["missing_runs"]:
         lines += [f"**Incomplete:** {len(result['missing_runs'])} runs have not finished: "
                   + ", ".join(result["missing_runs"][:8])
@@ -287,11 +289,12 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
                 n_all = ph["parameters_all_envs"].get(agent) if "(transfer)" in lab else None
                 row += f" {n_all:,} |" if n_all else " |"
             lines.append(row)
-        lines += ["", f"Wall time of this phase: {sum(ph['wall_s'].values()) / 60:.1f} min ("
-                  + ", ".join(f"{lab} {w / 60:.1f}" for lab, w in ph["wall_s"].items()) + ").",
-                  "", f"![{name} learning curves]({name}.png)", ""]
-    lines += [f"Config: [`config.yaml`](config.yaml). Reproduce: "
-              f"`rl-agnostic experiment {exp.name} --scale {exp.scale}`."]
+        walls = ", ".join(f"{lab} {w / 60:.1f}" for lab, w in ph["wall_s"].items())
+        total = sum(ph["wall_s"].values()) / 60
+        lines += ["", f"Wall time of this phase: {total:.1f} min ({walls}).", "",
+                  f"![{name} learning curves]({name}.png)", ""]
+    lines += [(f"Config: [`config.yaml`](config.yaml). Reproduce: "
+               f"`rl-agnostic experiment {exp.name} --scale {exp.scale}`.")]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -24,7 +24,7 @@ from rl_agnostic.configs import check_keys, read_yaml_mapping
 from rl_agnostic.nn.config import ConfigError
 from rl_agnostic.online.config import TrainConfig
 
-__all__ = ["Experiment", "Phase", "Run", "load_experiment", "experiment_path", "EXPERIMENTS_DIR"]
+__all__ = ["EXPERIMENTS_DIR", "Experiment", "Phase", "Run", "experiment_path", "load_experiment"]
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "tune_configs" / "experiments"
 
