@@ -43,9 +43,14 @@ def test_shipped_experiment_expands_into_valid_ordered_runs(name, scale):
     assert len({(r.key, r.seed) for r in runs}) == len(runs)
 
 
-def test_scale_overrides_swap_envs_and_leave_agents_out():
-    cpu, paper = load_experiment("mix_to_mix", "cpu"), load_experiment("mix_to_mix", "paper")
-    assert "agnostic-bigru" in paper.agents and "agnostic-bigru" not in cpu.agents
+def test_scale_overrides_swap_envs_and_adjust_or_leave_agents_out(tmp_path):
+    text = BASE + """  small:
+    seeds: [0]
+    agents: {agn: null, single: {train: {ppo: {num_epochs: 1}}}}
+"""
+    exp = load_experiment(_write(tmp_path, text), "small")
+    assert list(exp.agents) == ["single"] and exp.phases[1].scratch == ()
+    assert all(r.agent == "single" and r.config.ppo.num_epochs == 1 for r in exp.runs("/tmp/o"))
     tiny = load_experiment("mix16", "tiny")
     assert tiny.env_ids("train") == ["CartPole-v1", "Pendulum-v1"]
     assert load_experiment("mix16", "cpu", seeds=[3, 4], env_steps_per_env=7).seeds == (3, 4)
@@ -179,3 +184,14 @@ def test_a_run_directory_with_another_config_is_refused(tiny_results, tmp_path):
     cfg_file.write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match="different config.*ppo.num_epochs"):
         run_experiment(load_experiment("mix_to_mix", "tiny"), copy, log=lambda text: None)
+
+
+@pytest.mark.parametrize("name", ["mix16", "classic_to_mujoco", "mujoco_to_classic"])
+def test_every_other_experiment_runs_end_to_end_at_tiny_scale(name, tmp_path):
+    exp = load_experiment(name, "tiny")
+    result = run_experiment(exp, tmp_path / name, log=lambda text: None)
+    assert not result["missing_runs"]
+    for phase in result["phases"]:
+        assert (tmp_path / name / f"{phase}.png").stat().st_size > 0
+    md = (tmp_path / name / "results.md").read_text()
+    assert all(f"Phase `{phase}`" in md for phase in result["phases"])
