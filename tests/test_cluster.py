@@ -110,8 +110,17 @@ def test_job_submitted_to_a_two_node_cluster_trains_and_checkpoints(tmp_path, mo
             "run": {"env_steps_per_env": 256, "checkpoint_every": 1,
                     "output_dir": str(tmp_path / "runs")},
         }))
-        job = client.submit_job(entrypoint=f"rl-agnostic train {config}",
-                                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        job, deadline = None, time.time() + 120
+        while job is None:
+            try:
+                job = client.submit_job(entrypoint=f"rl-agnostic train {config}",
+                                        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+            except RuntimeError as exc:
+                # The head's job agent starts after the dashboard answers (slowly on a loaded
+                # machine): Ray answers 500 "No available agent" until then.
+                if "No available agent" not in str(exc) or time.time() > deadline:
+                    raise
+                time.sleep(3)
         status, deadline = None, time.time() + 400
         while time.time() < deadline:
             status = client.get_job_status(job)
