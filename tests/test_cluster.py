@@ -59,8 +59,14 @@ AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 def _ray_start(args: list[str], tmp: Path, name: str) -> subprocess.Popen:
     log = open(tmp / f"{name}.log", "w")
+    # Each node's agents on free ports: Ray's fixed defaults (e.g. 52365 for the dashboard agent)
+    # collide with any other Ray on the machine, and the job agent then never comes up.
+    agent_ports = ["--dashboard-agent-listen-port", str(_free_port()),
+                   "--dashboard-agent-grpc-port", str(_free_port()),
+                   "--runtime-env-agent-port", str(_free_port()),
+                   "--metrics-export-port", str(_free_port())]
     return subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *agent_ports],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **AUTH_ENV})
 

@@ -99,7 +99,7 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None, i
     v = [x for x in values if x is not None]
     if not v:
         return None, None, 0
-    return float(np.mean(v)), float(np.std(v)), len(v)
+    return float(np.mean(v)), (float(np.std(v)) if len(v) > 1 else None), len(v)
 
 
 def collect(exp: Experiment, out: Path) -> dict[str, Any]:
