@@ -195,3 +195,12 @@ def test_every_other_experiment_runs_end_to_end_at_tiny_scale(name, tmp_path):
         assert (tmp_path / name / f"{phase}.png").stat().st_size > 0
     md = (tmp_path / name / "results.md").read_text()
     assert all(f"Phase `{phase}`" in md for phase in result["phases"])
+
+
+def test_phase_env_entries_keep_their_backend(tmp_path):
+    text = BASE.replace("a: {envs: [CartPole-v1]}", "a: {envs: [{id: CartPole-v1, backend: envpool}]}")
+    exp = load_experiment(_write(tmp_path, text), "cpu")
+    assert exp.env_ids("a") == ["envpool:CartPole-v1"]
+    single = next(r for r in exp.runs("/tmp/o") if r.phase == "a" and r.mode == "single")
+    assert single.config.env_ids == ["envpool:CartPole-v1"]
+    assert single.config.name == "single_envpool:CartPole-v1"

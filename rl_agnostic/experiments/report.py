@@ -55,10 +55,10 @@ def measure_random_scores(exp: Experiment, out: Path,
     cached = json.loads(path.read_text()) if path.is_file() else {}
     for phase in exp.phases:
         for env in phase.envs:
-            env_id, kwargs = (env, None) if isinstance(env, str) else (env["id"], env.get("kwargs"))
-            if env_id not in cached:
-                cached[env_id] = random_score(env_id, exp.random_episodes, env_kwargs=kwargs)
-                say(f"random score {env_id}: {cached[env_id]:.1f} "
+            if env.env_id not in cached:
+                cached[env.env_id] = random_score(env.env_id, exp.random_episodes,
+                                                  env_kwargs=env.kwargs or None)
+                say(f"random score {env.env_id}: {cached[env.env_id]:.1f} "
                     f"({exp.random_episodes} episodes)")
     path.write_text(json.dumps(cached, indent=2))
     return cached
@@ -170,14 +170,14 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         }
         if phase.init_from:
             result["phases"][phase.name]["parameters_all_envs"] = _parameters_all_envs(
-                exp, out, phase)
+                exp, runs, phase)
             if exp.primary:
                 result["phases"][phase.name]["primary_check"] = _primary_check(
                     exp, scores, env_ids)
     return result
 
 
-def _parameters_all_envs(exp: Experiment, out: Path, phase) -> dict[str, int]:
+def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, int]:
     """Parameters of each multi-env agent's network serving the envs of ``phase`` AND of the
     phase it transferred from (built from the runs' saved env specs, not trained)."""
     from rl_agnostic.envs.spec import EnvSpec
@@ -186,14 +186,14 @@ def _parameters_all_envs(exp: Experiment, out: Path, phase) -> dict[str, int]:
     from rl_agnostic.online.trainer import load_policy_file
 
     counts = {}
-    runs = {(r.phase, r.agent, r.mode, r.seed): r for r in exp.runs(out)}
+    by_key = {(r.phase, r.agent, r.mode, r.seed): r for r in runs}
     seed = exp.seeds[0]
     for agent, over in exp.agents.items():
         if over.get("model", {}).get("kind") == "single":
             continue
-        pre = runs.get((phase.init_from, agent, "plain", seed)) or \
-            runs.get((phase.init_from, agent, "transfer", seed))
-        new = runs.get((phase.name, agent, "transfer", seed))
+        pre = by_key.get((phase.init_from, agent, "plain", seed)) or \
+            by_key.get((phase.init_from, agent, "transfer", seed))
+        new = by_key.get((phase.name, agent, "transfer", seed))
         if pre is None or new is None or run_done(pre) is None or run_done(new) is None:
             continue
         specs = {}

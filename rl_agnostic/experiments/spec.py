@@ -16,13 +16,15 @@ bad values) and every env id is checked, so a typo fails before the first run st
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rl_agnostic.configs import check_keys, read_yaml_mapping
 from rl_agnostic.nn.config import ConfigError
-from rl_agnostic.online.config import TrainConfig
+from rl_agnostic.online.config import EnvEntry, TrainConfig, parse_envs
 
 __all__ = ["EXPERIMENTS_DIR", "Experiment", "Phase", "Run", "experiment_path", "load_experiment"]
 
@@ -32,8 +34,8 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "tune_configs" / "experi
 @dataclass(frozen=True)
 class Phase:
     name: str
-    envs: tuple[str | dict, ...]
-    """Env entries as in a train config's ``envs`` (ids or mappings with ``kwargs``)."""
+    envs: tuple[EnvEntry, ...]
+    """The phase's env types, parsed as a train config's ``envs``."""
     init_from: str | None = None
     """Earlier phase whose final checkpoint each multi-env agent starts from (transfer)."""
     scratch: tuple[str, ...] = ()
@@ -101,8 +103,7 @@ class Experiment:
                     kind = overrides.get("model", {}).get("kind", "agnostic")
                     if kind == "single":
                         for env in phase.envs:
-                            env_id = env if isinstance(env, str) else env["id"]
-                            cfg = self._config(f"{agent}_{env_id}", [env], overrides, seed,
+                            cfg = self._config(f"{agent}_{env.env_id}", [env], overrides, seed,
                                                base_dir)
                             out.append(Run(phase.name, agent, "single", seed, cfg))
                         continue
@@ -111,7 +112,7 @@ class Experiment:
                         modes.append("scratch")
                     for mode in modes:
                         name = agent if mode == "plain" else f"{agent}_{mode}"
-                        cfg = self._config(name, list(phase.envs), overrides, seed, base_dir)
+                        cfg = self._config(name, phase.envs, overrides, seed, base_dir)
                         parent = done.get((phase.init_from, agent)) if mode == "transfer" else None
                         run = Run(phase.name, agent, mode, seed, cfg, parent)
                         out.append(run)
@@ -124,25 +125,27 @@ class Experiment:
             return Path(output_dir).parent / self.share_runs_with / "runs"
         return Path(output_dir) / "runs"
 
-    def _config(self, name: str, envs: list, overrides: dict, seed: int,
+    def _config(self, name: str, envs: Sequence[EnvEntry], overrides: dict, seed: int,
                 base_dir: Path) -> TrainConfig:
         values = _merge(copy.deepcopy(self.train), overrides.get("train", {}))
         values["model"] = _merge(values.get("model", {}), overrides.get("model", {}))
         values.setdefault("run", {})
         values["run"].update(seed=seed, output_dir=str(base_dir),
                              env_steps_per_env=self.env_steps_per_env)
+        envs = [dataclasses.asdict(e) for e in envs]
         return TrainConfig.from_dict({"name": name, "envs": envs, **values},
                                      f"{self.source}: run {name}")
 
     def env_ids(self, phase: str) -> list[str]:
         p = next(p for p in self.phases if p.name == phase)
-        return [e if isinstance(e, str) else e["id"] for e in p.envs]
+        return [e.env_id for e in p.envs]
 
     def resolved(self) -> dict:
         """The experiment at this scale, as written to ``config.yaml`` of the results."""
         return {"name": self.name, "description": self.description, "scale": self.scale,
                 "seeds": list(self.seeds), "env_steps_per_env": self.env_steps_per_env,
-                "phases": {p.name: {"envs": list(p.envs), "init_from": p.init_from,
+                "phases": {p.name: {"envs": [dataclasses.asdict(e) for e in p.envs],
+                                    "init_from": p.init_from,
                                     "scratch": list(p.scratch)} for p in self.phases},
                 "agents": self.agents, "note": self.note, "reference": self.reference,
                 "primary": self.primary, "train": self.train,
@@ -253,9 +256,7 @@ def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
         if not isinstance(p, dict):
             raise ConfigError(f"{where} must be a mapping")
         check_keys(p, ["envs", "init_from", "scratch"], where)
-        envs = p.get("envs")
-        if not isinstance(envs, list) or not envs:
-            raise ConfigError(f"{where}.envs must be a non-empty list")
+        envs = parse_envs(p.get("envs"), where)
         init_from = p.get("init_from")
         if init_from is not None and init_from not in [q.name for q in phases]:
             raise ConfigError(f"{where}.init_from {init_from!r} must name an EARLIER phase "
@@ -268,7 +269,7 @@ def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
         if scratch and init_from is None:
             raise ConfigError(f"{where}.scratch needs init_from (every run of a phase without "
                               "init_from is from scratch already)")
-        phases.append(Phase(str(name), tuple(envs), init_from, scratch))
+        phases.append(Phase(str(name), envs, init_from, scratch))
     return tuple(phases)
 
 
@@ -277,8 +278,7 @@ def _check_env_ids(exp: Experiment) -> None:
 
     for phase in exp.phases:
         for env in phase.envs:
-            env_id = env if isinstance(env, str) else env.get("id")
             try:
-                check_env_id(env_id)
+                check_env_id(env.env_id)
             except (ValueError, KeyError) as exc:
                 raise ConfigError(f"{exp.source}: phases.{phase.name}: {exc}") from None

@@ -151,7 +151,7 @@ class TrainConfig(SectionedConfig):
     @classmethod
     def from_dict(cls, values: Any, source: str = "config") -> TrainConfig:
         name = check_top_level(cls, values, source, ("name", "envs"))
-        envs = _parse_envs(values["envs"], source)
+        envs = parse_envs(values["envs"], source)
         model = parse_model(values.get("model"), source, KINDS, "cpu", len(envs), "env")
         cfg = cls(
             name=name, envs=envs, model=ModelSettings(**model),
@@ -188,7 +188,8 @@ class TrainConfig(SectionedConfig):
             raise ConfigError(f"{source}: resources.num_learners must be 0 (driver) or >= 2")
 
 
-def _parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:
+def parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:
+    """A config's ``envs`` list (ids or mappings) as validated entries."""
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{source}: envs must be a non-empty list of env ids or mappings")
     envs = []
