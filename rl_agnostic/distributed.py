@@ -5,6 +5,7 @@ calls in the same order."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -33,3 +34,13 @@ def all_reduce_gradients(params: Sequence[Tensor], mean: bool) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p)
         offset += n
+
+
+def init_ray() -> None:
+    """Connect to the cluster ``RAY_ADDRESS`` names (set by ``ray job submit`` or the user), or
+    start a local Ray for this process; nothing when Ray is already up."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=None,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")

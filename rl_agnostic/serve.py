@@ -163,14 +163,13 @@ def serve_checkpoint(checkpoint: str, host: str = "127.0.0.1", port: int = 8000,
     """Deploy ``checkpoint`` on the local Ray (or ``RAY_ADDRESS``); returns the base URL."""
     import os
 
-    import ray
     from ray import serve
 
+    from rl_agnostic.distributed import init_ray
     from rl_agnostic.online.trainer import load_policy_file
 
     load_policy_file(checkpoint)  # a missing or broken checkpoint fails here, before Ray
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
+    init_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(os.path.abspath(checkpoint), **app_kwargs), name="rl_agnostic",
               route_prefix="/", blocking=False)

@@ -239,15 +239,13 @@ def _scheduler(sweep: SweepConfig):
 
 def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the sweep; write results.md and best_config.yaml; return the best trial's summary."""
-    import os
-
-    import ray
     from ray import tune
+
+    from rl_agnostic.distributed import init_ray
 
     out = Path(sweep.output_dir).absolute()
     exp_dir = out / sweep.name
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
+    init_ray()
     trainable = tune.with_parameters(tune.with_resources(
         _trainable, _trial_resources(sweep.base)))
     if resume and tune.Tuner.can_restore(str(exp_dir)):

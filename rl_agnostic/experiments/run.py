@@ -18,7 +18,7 @@ import yaml
 
 from rl_agnostic.experiments.spec import Experiment, Run
 from rl_agnostic.nn.config import ConfigError
-from rl_agnostic.online.trainer import _atomic_write_text, latest_checkpoint, run_dir
+from rl_agnostic.online.trainer import atomic_write_text, latest_checkpoint, run_dir
 
 DONE_FILE = "done.json"
 
@@ -71,7 +71,7 @@ def execute_run(run: Run, log: Callable[[str], None]) -> dict:
     done = {"wall_s": time.perf_counter() - t0, "num_parameters": params,
             "env_steps": last.env_steps if last else {}, "init_from": init_from,
             "resumed": resume}
-    _atomic_write_text(directory / DONE_FILE, json.dumps(done, indent=2))
+    atomic_write_text(directory / DONE_FILE, json.dumps(done, indent=2))
     return done
 
 

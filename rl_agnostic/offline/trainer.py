@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -409,20 +408,12 @@ def _report_checkpoint(nets, optimizer, generator, step: int, metrics: dict, cfg
                          checkpoint_dir_name=name)
     run = Path(config["run_dir"])
     if (run / name / POLICY_FILE).is_file():
-        tmp_pointer = run / "latest.tmp"
-        tmp_pointer.write_text(name)
-        os.replace(tmp_pointer, run / "latest")
+        from rl_agnostic.online.trainer import atomic_write_text
+
+        atomic_write_text(run / "latest", name)
 
 
 # -- the driver ---------------------------------------------------------------------------------
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=None,
-                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
-
-
 def train_offline(cfg: OfflineConfig, *, resume: bool = False,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` to ``run.steps`` gradient steps; returns the final metrics."""
@@ -443,7 +434,9 @@ def train_offline(cfg: OfflineConfig, *, resume: bool = False,
             f"{p.spec.obs_dim}, {p.spec.action_kind} {p.spec.action_dim}), reward scale "
             f"{p.reward_scale:.3g}, ref scores {p.info.ref_min_score} / {p.info.ref_max_score}")
 
-    _init_ray()
+    from rl_agnostic.distributed import init_ray
+
+    init_ray()
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

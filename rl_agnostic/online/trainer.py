@@ -58,20 +58,12 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
+    content or the new, never half of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit` or the user) selects an existing cluster;
-        # otherwise a local Ray is started for this process.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=None,
-                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
 class OnlineTrainer:
@@ -100,9 +92,11 @@ class OnlineTrainer:
             raise ValueError(f"--init-from {init_from}: checkpoint model kind "
                              f"{init_policy['kind']!r} differs from this config's {cfg.model.kind!r}")
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-        _init_ray()
+        from rl_agnostic.distributed import init_ray
+
+        init_ray()
         import torch
 
         torch.set_num_threads(cfg.resources.learner_torch_threads)
@@ -272,7 +266,7 @@ class OnlineTrainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _atomic_write_text(base / "latest", name)
+        atomic_write_text(base / "latest", name)
         kept = sorted(p for p in base.glob("ckpt_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in kept[:-max(self.cfg.run.keep_checkpoints, 1)]:
             shutil.rmtree(old, ignore_errors=True)
