@@ -101,18 +101,24 @@ def sinusoid_reference(length: int, d_model: int) -> Tensor:
     return torch.from_numpy(pe)
 
 
+def codes_reference(length: int, d_model: int) -> Tensor:
+    """Row p: a ±1 vector from a generator seeded with 1_000_003 + p."""
+    return torch.stack([
+        torch.randint(0, 2, (d_model,), generator=torch.Generator().manual_seed(1_000_003 + p))
+        for p in range(length)]).double() * 2 - 1
+
+
 def encoder_reference(encoder: nn.Module, x: Tensor) -> Tensor:
     h = F.linear(x.double().unsqueeze(-1), encoder.lift.weight.double(), encoder.lift.bias.double())
+    if encoder.codes is not None:  # (x_p·w + b) ⊙ c_p
+        h = h * codes_reference(x.shape[1], h.shape[-1])
     return sequence_block_reference(encoder.block, h).mean(dim=1)
 
 
 def decoder_reference(decoder: nn.Module, h: Tensor, out_len: int) -> Tensor:
     pe = sinusoid_reference(out_len, h.shape[-1])
-    if decoder.modulated:  # h ⊙ c_p + PE_p, c_p a ±1 vector from a generator seeded with p
-        codes = torch.stack([
-            torch.randint(0, 2, (h.shape[-1],), generator=torch.Generator().manual_seed(1_000_003 + p))
-            for p in range(out_len)]).double() * 2 - 1
-        z = h.double().unsqueeze(1) * codes + pe
+    if decoder.modulated:  # h ⊙ c_p + PE_p
+        z = h.double().unsqueeze(1) * codes_reference(out_len, h.shape[-1]) + pe
     else:
         z = h.double().unsqueeze(1) + pe
     return sequence_block_reference(decoder.block, z).sum(dim=-1) * decoder.pool_scale

@@ -82,3 +82,19 @@ def test_dict_round_trip_and_replace():
     assert smaller.d_model == 16 and smaller.embedding == "bigru"
     with pytest.raises(ConfigError, match="n_heads"):
         cfg.replace(n_heads=5)
+
+
+def test_encoder_position_is_validated():
+    with pytest.raises(ConfigError, match="encoder_position"):
+        NetworkConfig(encoder_position="sinusoidal")
+
+
+def test_saved_config_without_a_later_field_keeps_the_network_it_was_saved_with():
+    """A policy file written before `encoder_position` existed holds a network without encoder
+    codes: reading it back must not switch to today's default."""
+    saved = NetworkConfig(d_model=16, encoder_position="none").to_dict()
+    del saved["encoder_position"]
+    assert NetworkConfig.from_saved(saved).encoder_position == "none"
+    assert NetworkConfig.from_dict(saved).encoder_position == "modulated"
+    current = NetworkConfig(d_model=16).to_dict()
+    assert NetworkConfig.from_saved(current) == NetworkConfig.from_dict(current)

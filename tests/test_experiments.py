@@ -164,13 +164,14 @@ def test_restarting_skips_finished_runs_and_shared_runs_are_reused(tiny_results)
     lines: list[str] = []
     run_experiment(load_experiment("mix_to_mix", "tiny"), out, log=lines.append)
     assert "11 already done" in lines[0] and not any("iter" in line for line in lines)
-    # ablation shares mix_to_mix's runs: only its two new variants train
+    # ablation shares mix_to_mix's runs: only its three new variants train
     abl = out.parent / "ablation"
     lines = []
     result = run_experiment(load_experiment("ablation", "tiny"), abl, log=lines.append)
-    assert "6 runs" in lines[0] and "4 already done" in lines[0]
+    assert "7 runs" in lines[0] and "4 already done" in lines[0]
     assert set(result["phases"]["pretrain"]["labels"]) == {
-        "single-env", "agnostic-s4", "no-transformer", "no-mid-mlp", "agnostic-bigru"}
+        "single-env", "agnostic-s4", "no-transformer", "no-mid-mlp", "agnostic-bigru",
+        "no-encoder-codes"}
     assert (abl / "pretrain.png").is_file() and (abl / "results.md").is_file()
 
 
@@ -184,6 +185,27 @@ def test_a_run_directory_with_another_config_is_refused(tiny_results, tmp_path):
     cfg_file.write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match="different config.*ppo.num_epochs"):
         run_experiment(load_experiment("mix_to_mix", "tiny"), copy, log=lambda text: None)
+
+
+def test_runs_saved_before_a_network_field_existed_are_reused_only_when_it_changes_nothing(
+        tiny_results, tmp_path):
+    """Configs written before `encoder_position` existed ran without encoder codes: a single-env
+    run (no agnostic encoder) is the same run today, an agnostic one is not."""
+    from rl_agnostic.experiments.run import check_run_dir
+
+    out, _, _ = tiny_results
+    copy = tmp_path / "mix_to_mix"
+    shutil.copytree(out, copy)
+    exp = load_experiment("mix_to_mix", "tiny")
+    runs = {r.key: r for r in exp.runs(copy)}
+    for name in ("single-env_CartPole-v1", "agnostic-s4"):
+        cfg_file = copy / f"runs/pretrain/seed0/{name}/config.yaml"
+        saved = yaml.safe_load(cfg_file.read_text())
+        del saved["model"]["network"]["encoder_position"]
+        cfg_file.write_text(yaml.safe_dump(saved))
+    check_run_dir(runs["pretrain/single-env_CartPole-v1"])
+    with pytest.raises(ConfigError, match="different config.*model.network"):
+        check_run_dir(runs["pretrain/agnostic-s4"])
 
 
 @pytest.mark.parametrize("name", ["mix16", "classic_to_mujoco", "mujoco_to_classic"])

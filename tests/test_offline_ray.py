@@ -94,11 +94,15 @@ def test_ddiql_two_workers_three_datasets(local_ray, datasets, tmp_path, capsys)
     assert main(["evaluate", str(run_dir), "--env", "InvertedPendulum-v5", "--episodes", "1"]) == 0
     assert "InvertedPendulum-v5: return" in capsys.readouterr().out
 
-    # An existing run is not overwritten; --resume continues from its last checkpoint.
-    with pytest.raises(FileExistsError, match="--resume"):
-        train_offline(cfg)
+    # --resume continues from the last checkpoint.
     resumed = train_offline(cfg.replace(run={"steps": 30}), resume=True)
     assert resumed["step"] == 30
     assert resumed["sync/max_weight_diff"] == 0.0
     assert [m["step"] for m in _metrics(run_dir)] == [5, 10, 15, 20, 25, 30]
     assert (run_dir / "latest").read_text() == "ckpt_000030"
+    # A new run under the same name starts from step 0; the earlier one is kept whole beside it.
+    train_offline(cfg.replace(run={"steps": 5}))
+    assert [m["step"] for m in _metrics(run_dir)] == [5]
+    (aside,) = [p for p in run_dir.parent.iterdir() if p.name.startswith(run_dir.name + ".")]
+    assert [m["step"] for m in _metrics(aside)] == [5, 10, 15, 20, 25, 30]
+    assert (aside / "latest").read_text() == "ckpt_000030"

@@ -197,3 +197,30 @@ def test_discounted_returns_restart_per_episode_chunk():
     r = np.array([1.0, 1.0, 1.0, 2.0, 2.0])
     out = discounted_returns(r, [3, 2], gamma=0.5)
     np.testing.assert_allclose(out, [1.0, 1.5, 1.75, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"encoder_position": "none"}, "encoder_position: checkpoint 'none', config 'modulated'"),
+    ({"decoder_pool": "mean"}, "decoder_pool"),
+    (None, "model kind"),
+])
+def test_init_from_a_checkpoint_whose_weights_mean_another_function_fails_before_ray(
+        tmp_path, saved, message):
+    import torch
+
+    from rl_agnostic.nn import EnvSpec, NetworkConfig, build_actor_critic
+    from rl_agnostic.online.agent import policy_file_contents
+    from rl_agnostic.online.trainer import OnlineTrainer
+
+    net_cfg = NetworkConfig(d_model=16, **(saved or {}))
+    spec = EnvSpec(env_id="CartPole-v1", obs_dim=4, action_kind="discrete", action_dim=2)
+    net = build_actor_critic("agnostic", net_cfg, [spec])
+    path = tmp_path / "policy.pt"
+    torch.save(policy_file_contents("agnostic" if saved else "specific", net_cfg, [spec],
+                                    net.state_dict(), {}), path)
+    cfg = TrainConfig.from_dict(base(model={"kind": "agnostic", "network": {"d_model": 16}},
+                                     run={"output_dir": str(tmp_path)}))
+    assert not ray.is_initialized()
+    with pytest.raises(ValueError, match=message):
+        OnlineTrainer(cfg, init_from=str(path))
+    assert not ray.is_initialized()

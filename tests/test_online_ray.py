@@ -150,6 +150,18 @@ def test_checkpoint_resume_continues_step_count_and_evaluate_loads_it(local_ray,
     assert main(["evaluate", str(trainer.dir), "--env", "CartPole-v1", "--env", "Pendulum-v1",
                  "--episodes", "1"]) == 0
 
+    # a new (not resumed) run under the same name starts clean; the old one is kept whole
+    fresh = OnlineTrainer(cfg)
+    try:
+        assert fresh.iteration == 0 and latest_checkpoint(fresh.dir) is None
+        assert _train(fresh, 1)[-1].iteration == 1
+    finally:
+        fresh.stop()
+    (aside,) = [p for p in trainer.dir.parent.iterdir() if p.name.startswith("resume.")]
+    assert latest_checkpoint(aside).name == "ckpt_000003"
+    assert len((aside / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((fresh.dir / "metrics.jsonl").read_text().splitlines()) == 1
+
 
 def test_parameter_count_is_the_same_for_two_and_five_env_types(local_ray, tmp_path):
     from rl_agnostic.online.algo import build_algorithm_config, env_spaces

@@ -46,10 +46,12 @@ def test_transformer_layer_dropout_only_in_training():
 
 @pytest.mark.parametrize("spec", [DISCRETE, CONTINUOUS, SHORT_CONTINUOUS], ids=lambda s: s.env_id)
 @pytest.mark.parametrize("n_heads", [1, 2])
-def test_agnostic_actor_critic_equals_reference_path(spec, n_heads):
+@pytest.mark.parametrize("encoder_position", ["none", "modulated"])
+def test_agnostic_actor_critic_equals_reference_path(spec, n_heads, encoder_position):
     """Whole network (eval) == S4 by recurrence, Transformer via nn.TransformerEncoderLayer,
     and everything else written out, with the same weights."""
-    cfg = NetworkConfig(d_model=16, d_state=8, n_heads=n_heads, dropout=0.1)
+    cfg = NetworkConfig(d_model=16, d_state=8, n_heads=n_heads, dropout=0.1,
+                        encoder_position=encoder_position)
     model = randomize_norms(AgnosticActorCritic(cfg, [spec]).eval())
     obs = torch.randn(3, spec.obs_dim)
     with torch.no_grad():

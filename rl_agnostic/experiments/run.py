@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from rl_agnostic.experiments.spec import Experiment, Run
-from rl_agnostic.nn.config import ConfigError
+from rl_agnostic.nn.config import ConfigError, NetworkConfig
 from rl_agnostic.online.trainer import atomic_write_text, latest_checkpoint, run_dir
 
 DONE_FILE = "done.json"
@@ -40,6 +40,13 @@ def check_run_dir(run: Run) -> None:
     # the results directory may have moved since
     saved.get("run", {}).pop("output_dir", None)
     wanted["run"].pop("output_dir", None)
+    model = saved.get("model")
+    if isinstance(model, dict) and isinstance(model.get("network"), dict):
+        # a run saved before a network field existed ran with the value that field reproduces
+        model["network"] = NetworkConfig.from_saved(model["network"]).to_dict()
+        if run.config.model.kind != "agnostic":  # only the agnostic encoder reads it
+            model["network"].pop("encoder_position", None)
+            wanted["model"]["network"].pop("encoder_position", None)
     if saved != wanted:
         diff = sorted(f"{section}.{k}" for section in wanted
                       if isinstance(wanted[section], dict) and isinstance(saved.get(section), dict)

@@ -61,21 +61,6 @@ class SequenceBlock(nn.Module):
         return self.layers(x)
 
 
-class Encoder(nn.Module):
-    """(B, I) → (B, H) for any I ≥ 1."""
-
-    def __init__(self, cfg: NetworkConfig) -> None:
-        super().__init__()
-        self.lift = nn.Linear(1, cfg.d_model)
-        self.block = SequenceBlock(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.shape[1] < 1:
-            raise ValueError(f"encoder input must be (batch, length>=1), got {tuple(x.shape)}")
-        h = x.unsqueeze(-1) * self.lift.weight.view(-1) + self.lift.bias
-        return self.block(h).mean(dim=1)
-
-
 def position_codes(length: int, d_model: int, device: torch.device) -> Tensor:
     """Row p: a fixed ±1 vector drawn from a generator seeded with p — the same in every process,
     and nearly orthogonal for different p, whatever the length."""
@@ -84,6 +69,40 @@ def position_codes(length: int, d_model: int, device: torch.device) -> Tensor:
         g = torch.Generator().manual_seed(1_000_003 + p)
         rows.append(torch.randint(0, 2, (d_model,), generator=g, dtype=torch.float32) * 2 - 1)
     return torch.stack(rows).to(device)
+
+
+class PositionCodes:
+    """`position_codes` cached per (length, device): normal tensors even when first built while
+    acting, since training multiplies by them."""
+
+    def __init__(self, d_model: int) -> None:
+        self.d_model = d_model
+        self._codes: dict[tuple[int, torch.device], Tensor] = {}
+
+    def __call__(self, length: int, device: torch.device) -> Tensor:
+        key = (length, device)
+        if key not in self._codes:
+            with torch.inference_mode(False):
+                self._codes[key] = position_codes(length, self.d_model, device)
+        return self._codes[key]
+
+
+class Encoder(nn.Module):
+    """(B, I) → (B, H) for any I ≥ 1."""
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.lift = nn.Linear(1, cfg.d_model)
+        self.block = SequenceBlock(cfg)
+        self.codes = PositionCodes(cfg.d_model) if cfg.encoder_position == "modulated" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] < 1:
+            raise ValueError(f"encoder input must be (batch, length>=1), got {tuple(x.shape)}")
+        h = x.unsqueeze(-1) * self.lift.weight.view(-1) + self.lift.bias
+        if self.codes is not None:
+            h = h * self.codes(x.shape[1], x.device)
+        return self.block(h).mean(dim=1)
 
 
 def sinusoidal_encoding(length: int, d_model: int, device: torch.device) -> Tensor:
@@ -106,6 +125,7 @@ class Decoder(nn.Module):
         self.block = SequenceBlock(cfg)
         self.pool_scale = 1.0 / (cfg.d_model if cfg.decoder_pool == "mean" else cfg.d_model ** 0.5)
         self.modulated = cfg.decoder_position == "modulated"
+        self.codes = PositionCodes(cfg.d_model)
         self._pe: dict[tuple[int, torch.device], Tensor] = {}
         # The output is the mean over H of a LayerNorm's output: with the default weight 1 that
         # is exactly the mean bias, for every input, and no gradient reaches any earlier layer
@@ -114,22 +134,21 @@ class Decoder(nn.Module):
         final_norm = [m for m in self.block.modules() if isinstance(m, nn.LayerNorm)][-1]
         nn.init.normal_(final_norm.weight, 1.0, 0.5)
 
-    def positional(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(sinusoidal PE, ±1 position codes), each (length, H), cached per length/device."""
+    def positional(self, length: int, device: torch.device) -> Tensor:
+        """Sinusoidal PE (length, H), cached per length/device."""
         key = (length, device)
         if key not in self._pe:
-            # normal tensors even when first built while acting (training multiplies by them)
+            # a normal tensor even when first built while acting (training adds it)
             with torch.inference_mode(False):
-                self._pe[key] = (sinusoidal_encoding(length, self.d_model, device),
-                                 position_codes(length, self.d_model, device))
+                self._pe[key] = sinusoidal_encoding(length, self.d_model, device)
         return self._pe[key]
 
     def forward(self, h: Tensor, out_len: int) -> Tensor:
         if out_len < 1:
             raise ValueError(f"decoder output length must be >= 1, got {out_len}")
-        pe, codes = self.positional(out_len, h.device)
+        pe = self.positional(out_len, h.device)
         h = h.unsqueeze(1)
-        z = h * codes + pe if self.modulated else h + pe
+        z = h * self.codes(out_len, h.device) + pe if self.modulated else h + pe
         return self.block(z).sum(dim=-1) * self.pool_scale
 
 

@@ -15,6 +15,7 @@ Discretization = Literal["bilinear", "zoh"]
 S4Init = Literal["legs", "lin"]
 DecoderPool = Literal["mean", "scaled_sum"]
 DecoderPosition = Literal["additive", "modulated"]
+EncoderPosition = Literal["none", "modulated"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "embedding": ("s4", "bigru"),
@@ -22,6 +23,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "s4_init": ("legs", "lin"),
     "decoder_pool": ("mean", "scaled_sum"),
     "decoder_position": ("additive", "modulated"),
+    "encoder_position": ("none", "modulated"),
 }
 
 
@@ -93,6 +95,17 @@ class NetworkConfig:
     ``modulated``: h ⊙ c_p + PE_p with c_p a fixed ±1 code per position (`blocks.position_codes`),
     so each output starts as its own, nearly uncorrelated, function of h; no parameters."""
 
+    encoder_position: EncoderPosition = "modulated"
+    """How the encoder marks which scalar is which. ``none``: the paper's shared lift x_p·w + b;
+    the only order information is what the causal S4 kernel mixes in, so the pooled output
+    starts as a near-symmetric function of the observation. ``modulated``: (x_p·w + b) ⊙ c_p
+    with the decoder's fixed ±1 codes c_p (`blocks.position_codes`), so the mean over positions
+    starts as a random projection of the whole observation plus a per-position offset b ⊙ c_p,
+    as an MLP's first layer would; no parameters, any length. LunarLander-v3 alone, 100k env
+    steps, cpu preset: training return −34 (none) vs 204 (modulated) at 74k steps, against 178
+    for a single-env MLP. Networks saved before this field existed are ``none``
+    (`NetworkConfig.from_saved`)."""
+
     def __post_init__(self) -> None:
         # Table 2b ties every width to d_model (all 256); an unset width follows d_model.
         for name in ("d_state", "dim_feedforward", "mlp_hidden"):
@@ -144,11 +157,25 @@ class NetworkConfig:
             raise ConfigError(f"unknown network config keys: {unknown}; known: {sorted(known)}")
         return cls(**values)
 
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> NetworkConfig:
+        """A network config read back from a checkpoint or policy file: fields added after it was
+        written take the value that reproduces the saved network, not today's default."""
+        return cls.from_dict({**_BEFORE_FIELD_EXISTED, **values})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> NetworkConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Fields that change what the same weights compute (no parameter shape depends on them).
+FUNCTION_FIELDS = ("encoder_position", "decoder_position", "decoder_pool", "discretization",
+                   "log_std_min", "log_std_max", "log_std_init")
+
+# The value that reproduces networks saved before the field was added.
+_BEFORE_FIELD_EXISTED: dict[str, Any] = {"encoder_position": "none"}
 
 
 def _check_int(cfg: NetworkConfig, name: str, minimum: int) -> None:

@@ -20,7 +20,8 @@ measured and reported).
 
 Checkpoints go through Ray Train (``ray.train.report``; ``<output_dir>/<name>/ckpt_NNNNNN``), each
 with a ``policy.pt`` that `rl_agnostic.online.agent.Agent` (and ``rl-agnostic evaluate``) loads;
-``--resume`` continues from the latest one (Ray Train's run restoration).
+``--resume`` continues from the latest one (Ray Train's run restoration); without it, an
+earlier run in the same directory is moved aside whole (``<name>.<time>``), as online.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from rl_agnostic.offline.data import (
     to_ray_dataset,
 )
 from rl_agnostic.online.normalize import RunningMeanStd, standardize
+from rl_agnostic.online.trainer import atomic_write_text, move_previous_run_aside
 
 POLICY_FILE = "policy.pt"
 STATE_FILE = "iql_state.pt"
@@ -408,8 +410,6 @@ def _report_checkpoint(nets, optimizer, generator, step: int, metrics: dict, cfg
                          checkpoint_dir_name=name)
     run = Path(config["run_dir"])
     if (run / name / POLICY_FILE).is_file():
-        from rl_agnostic.online.trainer import atomic_write_text
-
         atomic_write_text(run / "latest", name)
 
 
@@ -421,11 +421,10 @@ def train_offline(cfg: OfflineConfig, *, resume: bool = False,
     prepared = prepare_datasets(cfg, log)
     out = run_dir(cfg)
     has_state = out.is_dir() and any(out.glob("ckpt_*"))
-    if has_state and not resume:
-        raise FileExistsError(f"run directory {out} already holds checkpoints: pass --resume to "
-                              f"continue it, or choose another name / --output-dir")
     if not has_state and resume:
         log(f"--resume: no checkpoint in {out}, starting a new run")
+    if not (has_state and resume):
+        move_previous_run_aside(out, log)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     stats = obs_stats_by_env(prepared)

@@ -33,7 +33,7 @@ class Agent:
 
         policy = load_policy_file(path)
         specs = {e: EnvSpec(**s) for e, s in policy["specs"].items()}
-        net = build_actor_critic(policy["kind"], NetworkConfig.from_dict(policy["network_config"]),
+        net = build_actor_critic(policy["kind"], NetworkConfig.from_saved(policy["network_config"]),
                                  specs.values())
         net.load_state_dict({k: torch.as_tensor(v) for k, v in policy["network"].items()})
         net.eval()

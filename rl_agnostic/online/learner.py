@@ -19,9 +19,11 @@ paper's J_total of Algorithm 1.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core import ALL_MODULES
+from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import (
     NUM_NON_TRAINABLE_PARAMETERS,
     NUM_TRAINABLE_PARAMETERS,
@@ -63,6 +65,22 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
         for optimizer in self._named_optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = opts[f"{group['name']}_lr"] * frac
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        loss = super().compute_loss_for_module(module_id=module_id, config=config, batch=batch,
+                                               fwd_out=fwd_out)
+        # CleanRL's diagnostics of how far one update moved the policy (RLlib logs a KL only
+        # when its KL penalty is on): approx KL = E[(r − 1) − log r], and the clipped fraction.
+        with torch.no_grad():
+            dist_cls = self.module[module_id].unwrapped().get_train_action_dist_cls()
+            curr = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+            log_ratio = curr.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]
+            ratio = log_ratio.exp()
+            self.metrics.log_dict({
+                "approx_kl": ((ratio - 1) - log_ratio).mean(),
+                "clip_fraction": ((ratio - 1).abs() > config.clip_param).float().mean(),
+            }, key=module_id, window=1)
+        return loss
 
     def _make_modules_ddp_if_necessary(self) -> None:
         if self._is_distributed():

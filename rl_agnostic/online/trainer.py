@@ -5,7 +5,9 @@ Run directory ``<run.output_dir>/<name>/``:
 - ``config.yaml``: the validated config of the run;
 - ``tensorboard/``: the same metrics as TensorBoard scalars (x axis: total env steps);
 - ``metrics.jsonl``: one JSON result per iteration (stable names: ``env/<env_id>/episode_return_mean``,
-  ``env/<env_id>/env_steps``, ``perf/env_steps_per_s``, ``perf/iteration_s``, ``num_env_steps``);
+  ``env/<env_id>/env_steps``, ``env/<env_id>/{policy_loss,vf_loss,entropy,vf_explained_var,
+  approx_kl,clip_fraction}``, ``perf/env_steps_per_s``, ``perf/iteration_s``, ``num_env_steps``);
+  a new run in the directory of an earlier one first moves that one aside (``<name>.<time>``);
 - ``checkpoints/ckpt_<iteration>/``: RLlib's full algorithm checkpoint (``algorithm/``: learner
   with weights, optimizer and reward-scaler state; env runners' normalizer state; metrics and
   step counters) plus ``policy.pt``, a self-contained policy (network config and weights,
@@ -66,6 +68,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def move_previous_run_aside(directory: Path, log: Callable[[str], None]) -> None:
+    """A new run in the directory of an earlier one would append to its metrics and mix its
+    checkpoints with the old ones: the earlier run is kept whole under ``<name>.<time>``."""
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    aside = directory.with_name(f"{directory.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(directory, aside)
+    log(f"new run: the previous run in {directory} was moved to {aside}")
+
+
 class OnlineTrainer:
     """Builds the RLlib algorithm of ``cfg`` and trains it; see the module docstring."""
 
@@ -88,9 +100,10 @@ class OnlineTrainer:
         if resume and resume_from is None:
             self.log(f"--resume: no checkpoint in {self.dir}, starting a new run")
         init_policy = load_policy_file(init_from) if init_from else None
-        if init_policy is not None and init_policy["kind"] != cfg.model.kind:
-            raise ValueError(f"--init-from {init_from}: checkpoint model kind "
-                             f"{init_policy['kind']!r} differs from this config's {cfg.model.kind!r}")
+        if init_policy is not None:
+            check_init_compatible(init_policy, cfg, init_from)
+        if resume_from is None:
+            move_previous_run_aside(self.dir, self.log)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -202,7 +215,8 @@ class OnlineTrainer:
                 if env_id in returns:
                     metrics[f"env/{env_id}/episode_return_mean"] = returns[env_id]
                 learner_out = result.get("learners", {}).get(env_id, {})
-                for key in ("policy_loss", "vf_loss", "entropy", "vf_explained_var"):
+                for key in ("policy_loss", "vf_loss", "entropy", "vf_explained_var", "approx_kl",
+                            "clip_fraction"):
                     if key in learner_out:
                         metrics[f"env/{env_id}/{key}"] = float(learner_out[key])
             item = IterationResult(self.iteration, steps, dict(returns), metrics)
@@ -275,6 +289,25 @@ class OnlineTrainer:
     def stop(self) -> None:
         self._tensorboard.close()
         self.algo.stop()
+
+
+def check_init_compatible(policy: dict[str, Any], cfg: TrainConfig, source: str) -> None:
+    """``--init-from``: the checkpoint's weights must mean the same function in this run's
+    network. Shape mismatches fail when the weights are loaded; these fields change what the
+    same weights compute, silently, so they must match."""
+    from rl_agnostic.nn.config import FUNCTION_FIELDS, NetworkConfig
+
+    if policy["kind"] != cfg.model.kind:
+        raise ValueError(f"--init-from {source}: checkpoint model kind {policy['kind']!r} "
+                         f"differs from this config's {cfg.model.kind!r}")
+    saved = NetworkConfig.from_saved(policy["network_config"])
+    differ = {f: (getattr(saved, f), getattr(cfg.model.network, f)) for f in FUNCTION_FIELDS
+              if getattr(saved, f) != getattr(cfg.model.network, f)}
+    if differ:
+        detail = ", ".join(f"{f}: checkpoint {a!r}, config {b!r}" for f, (a, b) in differ.items())
+        raise ValueError(f"--init-from {source}: the network config differs in fields that "
+                         f"change what the same weights compute ({detail}); set them in "
+                         f"model.network to the checkpoint's values")
 
 
 def load_policy_file(path: str | Path) -> dict[str, Any]:
