@@ -15,6 +15,7 @@ agent).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,20 +72,21 @@ def position_codes(length: int, d_model: int, device: torch.device) -> Tensor:
     return torch.stack(rows).to(device)
 
 
-class PositionCodes:
-    """`position_codes` cached per (length, device): normal tensors even when first built while
-    acting, since training multiplies by them."""
+class PerLength:
+    """A fixed (length, H) tensor — ``build(length, d_model, device)`` — cached per (length,
+    device). Built as a normal tensor even when first asked for while acting under
+    inference_mode, since training forwards use it too."""
 
-    def __init__(self, d_model: int) -> None:
-        self.d_model = d_model
-        self._codes: dict[tuple[int, torch.device], Tensor] = {}
+    def __init__(self, build: Callable[[int, int, torch.device], Tensor], d_model: int) -> None:
+        self.build, self.d_model = build, d_model
+        self._cache: dict[tuple[int, torch.device], Tensor] = {}
 
     def __call__(self, length: int, device: torch.device) -> Tensor:
         key = (length, device)
-        if key not in self._codes:
+        if key not in self._cache:
             with torch.inference_mode(False):
-                self._codes[key] = position_codes(length, self.d_model, device)
-        return self._codes[key]
+                self._cache[key] = self.build(length, self.d_model, device)
+        return self._cache[key]
 
 
 class Encoder(nn.Module):
@@ -94,7 +96,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.lift = nn.Linear(1, cfg.d_model)
         self.block = SequenceBlock(cfg)
-        self.codes = PositionCodes(cfg.d_model) if cfg.encoder_position == "modulated" else None
+        self.codes = (PerLength(position_codes, cfg.d_model)
+                      if cfg.encoder_position == "modulated" else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] < 1:
@@ -121,27 +124,17 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
-        self.d_model = cfg.d_model
         self.block = SequenceBlock(cfg)
         self.pool_scale = 1.0 / (cfg.d_model if cfg.decoder_pool == "mean" else cfg.d_model ** 0.5)
         self.modulated = cfg.decoder_position == "modulated"
-        self.codes = PositionCodes(cfg.d_model)
-        self._pe: dict[tuple[int, torch.device], Tensor] = {}
+        self.codes = PerLength(position_codes, cfg.d_model)
+        self.positional = PerLength(sinusoidal_encoding, cfg.d_model)
         # The output is the mean over H of a LayerNorm's output: with the default weight 1 that
         # is exactly the mean bias, for every input, and no gradient reaches any earlier layer
         # until the weight has moved. A spread-out weight makes the decoder start as a function
         # of its input, with outputs of std ~0.5/sqrt(H) (small logits, values near 0).
         final_norm = [m for m in self.block.modules() if isinstance(m, nn.LayerNorm)][-1]
         nn.init.normal_(final_norm.weight, 1.0, 0.5)
-
-    def positional(self, length: int, device: torch.device) -> Tensor:
-        """Sinusoidal PE (length, H), cached per length/device."""
-        key = (length, device)
-        if key not in self._pe:
-            # a normal tensor even when first built while acting (training adds it)
-            with torch.inference_mode(False):
-                self._pe[key] = sinusoidal_encoding(length, self.d_model, device)
-        return self._pe[key]
 
     def forward(self, h: Tensor, out_len: int) -> Tensor:
         if out_len < 1:
