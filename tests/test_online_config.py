@@ -204,7 +204,7 @@ def test_discounted_returns_restart_per_episode_chunk():
     ({"decoder_pool": "mean"}, "decoder_pool"),
     (None, "model kind"),
 ])
-def test_init_from_a_checkpoint_whose_weights_mean_another_function_fails_before_ray(
+def test_init_from_or_resuming_a_checkpoint_whose_weights_mean_another_function_fails_before_ray(
         tmp_path, saved, message):
     import torch
 
@@ -223,4 +223,11 @@ def test_init_from_a_checkpoint_whose_weights_mean_another_function_fails_before
     assert not ray.is_initialized()
     with pytest.raises(ValueError, match=message):
         OnlineTrainer(cfg, init_from=str(path))
+    # the same checkpoint as this run's latest: --resume refuses it too
+    ckpt = tmp_path / cfg.name / "checkpoints" / "ckpt_000001"
+    ckpt.mkdir(parents=True)
+    path.rename(ckpt / "policy.pt")
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    with pytest.raises(ValueError, match=f"resuming from .*{message}"):
+        OnlineTrainer(cfg, resume=True)
     assert not ray.is_initialized()

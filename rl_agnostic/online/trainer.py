@@ -101,7 +101,10 @@ class OnlineTrainer:
             self.log(f"--resume: no checkpoint in {self.dir}, starting a new run")
         init_policy = load_policy_file(init_from) if init_from else None
         if init_policy is not None:
-            check_init_compatible(init_policy, cfg, init_from)
+            check_checkpoint_compatible(init_policy, cfg, f"--init-from {init_from}")
+        if resume_from is not None:
+            check_checkpoint_compatible(load_policy_file(resume_from), cfg,
+                                        f"resuming from {resume_from}")
         if resume_from is None:
             move_previous_run_aside(self.dir, self.log)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -291,21 +294,21 @@ class OnlineTrainer:
         self.algo.stop()
 
 
-def check_init_compatible(policy: dict[str, Any], cfg: TrainConfig, source: str) -> None:
-    """``--init-from``: the checkpoint's weights must mean the same function in this run's
-    network. Shape mismatches fail when the weights are loaded; these fields change what the
-    same weights compute, silently, so they must match."""
+def check_checkpoint_compatible(policy: dict[str, Any], cfg: TrainConfig, source: str) -> None:
+    """Weights loaded from a checkpoint (``--init-from``, ``--resume``, a Tune restore) must mean
+    the same function in this run's network. Shape mismatches fail when the weights are loaded;
+    these fields change what the same weights compute, silently, so they must match."""
     from rl_agnostic.nn.config import FUNCTION_FIELDS, NetworkConfig
 
     if policy["kind"] != cfg.model.kind:
-        raise ValueError(f"--init-from {source}: checkpoint model kind {policy['kind']!r} "
+        raise ValueError(f"{source}: checkpoint model kind {policy['kind']!r} "
                          f"differs from this config's {cfg.model.kind!r}")
     saved = NetworkConfig.from_saved(policy["network_config"])
     differ = {f: (getattr(saved, f), getattr(cfg.model.network, f)) for f in FUNCTION_FIELDS
               if getattr(saved, f) != getattr(cfg.model.network, f)}
     if differ:
         detail = ", ".join(f"{f}: checkpoint {a!r}, config {b!r}" for f, (a, b) in differ.items())
-        raise ValueError(f"--init-from {source}: the network config differs in fields that "
+        raise ValueError(f"{source}: the network config differs in fields that "
                          f"change what the same weights compute ({detail}); set them in "
                          f"model.network to the checkpoint's values")
 
