@@ -6,6 +6,7 @@ real RLlib learner (or two learner actors with gloo), and trains for a few itera
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -278,6 +279,50 @@ def test_every_model_kind_builds_as_one_shared_network(tmp_path, kind):
         spec = module[e].env_spec
         width = spec.action_dim * (1 if spec.is_discrete else 2)
         assert out[e]["action_dist_inputs"].shape == (2, width)
+
+
+def test_each_env_type_gets_its_own_discount_in_gae_and_reward_scaling(tmp_path):
+    """Env entries may set ``gamma``: GAE equals RLlib's own GAE run with that module's γ (and
+    differs from it run with the other γ), on one real shared-network module."""
+    from ray.rllib.connectors.learner import GeneralAdvantageEstimation
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from rl_agnostic.online.algo import build_algorithm_config, env_spaces
+    from rl_agnostic.online.gae import PerEnvGeneralAdvantageEstimation
+    from rl_agnostic.online.normalize import PerEnvRewardScaler
+
+    cfg = tiny_config(tmp_path, envs=[{"id": "CartPole-v1", "gamma": 0.5}, "Pendulum-v1"])
+    assert cfg.env_gammas == {"CartPole-v1": 0.5, "Pendulum-v1": 0.99}
+    algo_cfg = build_algorithm_config(cfg, env_spaces(cfg, probe_steps=0))
+    pieces = {type(c): c for c in algo_cfg.build_learner_connector(None, None).connectors}
+    assert GeneralAdvantageEstimation not in pieces
+    assert pieces[PerEnvGeneralAdvantageEstimation].env_gammas == cfg.env_gammas
+    assert pieces[PerEnvRewardScaler].env_gammas == cfg.env_gammas
+
+    module = algo_cfg.rl_module_spec.build()
+    rng = np.random.default_rng(0)
+    episodes, batch = [], {}
+    for mid in cfg.env_ids:
+        obs_dim, lens = module[mid].env_spec.obs_dim, [7, 5]
+        episodes += [SingleAgentEpisode(observations=[np.zeros(obs_dim)] * (n + 1),
+                                        actions=[0] * n, rewards=[0.0] * n, module_id=mid,
+                                        len_lookback_buffer=0) for n in lens]
+        # The first episode terminates, the second is a truncated chunk.
+        terminated, truncated = np.zeros(12, bool), np.zeros(12, bool)
+        terminated[6], truncated[11] = True, True
+        batch[mid] = {Columns.OBS: torch.tensor(rng.normal(size=(12, obs_dim)), dtype=torch.float32),
+                      Columns.REWARDS: rng.normal(size=12).astype(np.float32),
+                      Columns.TERMINATEDS: terminated, Columns.TRUNCATEDS: truncated}
+    gae = PerEnvGeneralAdvantageEstimation(gamma=0.99, lambda_=0.95, env_gammas=cfg.env_gammas)
+    out = gae(rl_module=module, episodes=episodes, batch=copy.deepcopy(batch))
+    for mid, other in [("CartPole-v1", 0.99), ("Pendulum-v1", 0.5)]:
+        def stock(gamma, mid=mid):
+            return GeneralAdvantageEstimation(gamma=gamma, lambda_=0.95)(
+                rl_module=module, episodes=episodes, batch={mid: copy.deepcopy(batch[mid])})[mid]
+        for column in ("advantages", "value_targets"):
+            torch.testing.assert_close(out[mid][column], stock(cfg.env_gammas[mid])[column])
+        assert not torch.allclose(out[mid]["value_targets"], stock(other)["value_targets"])
 
 
 def test_one_runner_hosting_discrete_then_continuous_types_samples_both(local_ray, tmp_path):

@@ -16,6 +16,7 @@ from rl_agnostic.online.envs import (
     assign_env_types,
     make_rllib_env,
 )
+from rl_agnostic.online.gae import PerEnvGeneralAdvantageEstimation
 from rl_agnostic.online.learner import SharedNetworkPPOLearner
 from rl_agnostic.online.module import SharedNetworkMultiRLModule, env_module_spec
 from rl_agnostic.online.normalize import PerEnvObsNormalizer, PerEnvRewardScaler
@@ -24,14 +25,19 @@ ENV_NAME = "rl_agnostic_env_type"
 
 
 class AgnosticPPOConfig(PPOConfig):
-    """`PPOConfig` whose learner pipeline scales each env type's rewards just before GAE."""
+    """`PPOConfig` whose learner pipeline computes GAE with each env type's own γ, after scaling
+    each env type's rewards."""
 
     def build_learner_connector(self, input_observation_space, input_action_space, device=None):
         pipeline = super().build_learner_connector(input_observation_space, input_action_space,
                                                    device=device)
+        env_gammas = self.learner_config_dict.get("env_gammas", {})
+        pipeline.insert_after(GeneralAdvantageEstimation, PerEnvGeneralAdvantageEstimation(
+            gamma=self.gamma, lambda_=self.lambda_, env_gammas=env_gammas))
+        pipeline.remove(GeneralAdvantageEstimation)
         if self.learner_config_dict.get("scale_rewards", False):
-            pipeline.insert_before(GeneralAdvantageEstimation,
-                                   PerEnvRewardScaler(gamma=self.gamma))
+            pipeline.insert_before(PerEnvGeneralAdvantageEstimation,
+                                   PerEnvRewardScaler(gamma=self.gamma, env_gammas=env_gammas))
         return pipeline
 
 
@@ -126,6 +132,7 @@ def build_algorithm_config(cfg: TrainConfig, spaces: dict[str, tuple[Any, Any]] 
             shuffle_batch_per_epoch=True,
             learner_config_dict={"actor_lr": p.actor_lr, "critic_lr": p.critic_lr,
                                  "ssm_lr": p.ssm_lr, "scale_rewards": p.scale_rewards,
+                                 "env_gammas": cfg.env_gammas,
                                  "anneal_lr_env_steps": (
                                      (stop_env_steps or cfg.run.env_steps_per_env) * len(ids)
                                      if p.anneal_lr else None)},

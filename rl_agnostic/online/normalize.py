@@ -128,11 +128,14 @@ class PerEnvObsNormalizer(ConnectorV2):
 
 
 class PerEnvRewardScaler(ConnectorV2):
-    """Divides each module's batch rewards by the running std of its discounted return."""
+    """Divides each module's batch rewards by the running std of its discounted return (γ per
+    module id from ``env_gammas``, else ``gamma``)."""
 
-    def __init__(self, *args, gamma: float = 0.99, **kwargs) -> None:
+    def __init__(self, *args, gamma: float = 0.99, env_gammas: dict[str, float] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gamma = gamma
+        self.env_gammas = dict(env_gammas or {})
         self._returns: dict[str, RunningMeanStd] = {}
 
     def __call__(self, *, rl_module, batch, episodes, **kwargs):
@@ -144,7 +147,8 @@ class PerEnvRewardScaler(ConnectorV2):
                 continue
             rewards = np.asarray(module_batch[Columns.REWARDS], np.float64)
             stats = self._returns.setdefault(mid, RunningMeanStd())
-            stats.update(discounted_returns(rewards, lengths[mid], self.gamma))
+            gamma = self.env_gammas.get(mid, self.gamma)
+            stats.update(discounted_returns(rewards, lengths[mid], gamma))
             scale = float(stats.std) + 1e-8 if stats.count > 1 else 1.0
             module_batch[Columns.REWARDS] = (rewards / scale).astype(np.float32)
         return batch
