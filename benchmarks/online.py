@@ -189,12 +189,12 @@ def write_markdown(path: Path, s: dict) -> None:
     lines = [
         "# Online multi-env PPO: one agnostic agent vs single-env agents (cpu scale)",
         "",
-        f"{s['env_steps_per_env']:,} env steps per env type, `tune_configs/classic4_cpu.yaml` "
-        "(cpu network preset, dropout 0), seed "
-        f"{s['config']['run']['seed']}. Scores: deterministic evaluation of the final checkpoint; "
-        "normalized = 100·(score − random)/(single-env score − random) (paper §4.2); "
-        "'undefined' where the single-env agent is not clearly above random "
-        "(by < max(5 % of |random|, 10)), and left out of the mean.",
+        (f"{s['env_steps_per_env']:,} env steps per env type, `tune_configs/classic4_cpu.yaml` "
+         f"(cpu network preset, dropout 0{_own_discounts(s)}), seed "
+         f"{s['config']['run']['seed']}. Scores: deterministic evaluation of the final checkpoint; "
+         "normalized = 100·(score − random)/(single-env score − random) (paper §4.2); "
+         "'undefined' where the single-env agent is not clearly above random "
+         "(by < max(5 % of |random|, 10)), and left out of the mean."),
         "",
         "| env | random | single-env | agnostic | normalized | train return (agn / single) |",
         "|---|---|---|---|---|---|",
@@ -211,8 +211,8 @@ def write_markdown(path: Path, s: dict) -> None:
         "| throughput | env-steps/s |",
         "|---|---|",
         f"| agnostic, 4 env types (this run) | {s['env_steps_per_s']:.0f} |",
-        "| stock RLlib PPO, default MLP, CartPole-v1 (mean of before / after) | "
-        f"{s['stock_rllib_env_steps_per_s']:.0f} ({_before_after(s)}) |",
+        ("| stock RLlib PPO, default MLP, CartPole-v1 (mean of before / after) | "
+         f"{s['stock_rllib_env_steps_per_s']:.0f} ({_before_after(s)}) |"),
         f"| ratio | {s['speed_ratio']:.2f} |",
         "",
         f"Parameters: agnostic {s['num_parameters']['agnostic']:,} (one network for all envs); "
@@ -224,6 +224,12 @@ def write_markdown(path: Path, s: dict) -> None:
         "![learning curves](online.png)",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _own_discounts(s: dict) -> str:
+    own = [f"{e['id']} γ {e['gamma']}" for e in s["config"]["envs"] if e.get("gamma") is not None]
+    return "; " + ", ".join(own) + " for both agents, the rest γ " + str(
+        s["config"]["ppo"]["gamma"]) if own else ""
 
 
 def _before_after(s: dict) -> str:

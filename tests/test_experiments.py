@@ -187,10 +187,11 @@ def test_a_run_directory_with_another_config_is_refused(tiny_results, tmp_path):
         run_experiment(load_experiment("mix_to_mix", "tiny"), copy, log=lambda text: None)
 
 
-def test_runs_saved_before_a_network_field_existed_are_reused_only_when_it_changes_nothing(
+def test_runs_saved_before_a_field_existed_are_reused_only_when_it_changes_nothing(
         tiny_results, tmp_path):
     """Configs written before `encoder_position` existed ran without encoder codes: a single-env
-    run (no agnostic encoder) is the same run today, an agnostic one is not."""
+    run (no agnostic encoder) is the same run today, an agnostic one is not. Env entries written
+    before `gamma` existed ran with ppo.gamma, today's default."""
     from rl_agnostic.experiments.run import check_run_dir
 
     out, _, _ = tiny_results
@@ -202,6 +203,8 @@ def test_runs_saved_before_a_network_field_existed_are_reused_only_when_it_chang
         cfg_file = copy / f"runs/pretrain/seed0/{name}/config.yaml"
         saved = yaml.safe_load(cfg_file.read_text())
         del saved["model"]["network"]["encoder_position"]
+        for entry in saved["envs"]:
+            del entry["gamma"]
         cfg_file.write_text(yaml.safe_dump(saved))
     check_run_dir(runs["pretrain/single-env_CartPole-v1"])
     with pytest.raises(ConfigError, match="different config.*model.network"):

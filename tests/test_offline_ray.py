@@ -4,6 +4,7 @@ InvertedPendulum-v5 (obs 4, continuous 1), collected here by ``rl-agnostic colle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -99,6 +100,13 @@ def test_ddiql_two_workers_three_datasets(local_ray, datasets, tmp_path, capsys)
     assert resumed["step"] == 30
     assert resumed["sync/max_weight_diff"] == 0.0
     assert [m["step"] for m in _metrics(run_dir)] == [5, 10, 15, 20, 25, 30]
+    assert (run_dir / "latest").read_text() == "ckpt_000030"
+    # Resuming under a network config that computes another function with the same weights is
+    # refused before any training, and the run is left as it was.
+    other = dataclasses.replace(cfg.model.network, encoder_position="none")
+    with pytest.raises(ValueError, match="encoder_position: checkpoint 'modulated', config 'none'"):
+        train_offline(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, network=other),
+                                          run=dataclasses.replace(cfg.run, steps=40)), resume=True)
     assert (run_dir / "latest").read_text() == "ckpt_000030"
     # A new run under the same name starts from step 0; the earlier one is kept whole beside it.
     train_offline(cfg.replace(run={"steps": 5}))

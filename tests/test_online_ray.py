@@ -282,8 +282,9 @@ def test_every_model_kind_builds_as_one_shared_network(tmp_path, kind):
 
 
 def test_each_env_type_gets_its_own_discount_in_gae_and_reward_scaling(tmp_path):
-    """Env entries may set ``gamma``: GAE equals RLlib's own GAE run with that module's γ (and
-    differs from it run with the other γ), on one real shared-network module."""
+    """Env entries may set ``gamma``: the learner's GAE equals RLlib's own GAE run with that
+    module's γ (and differs from it run with the other γ), on the learner's real module."""
+    from ray.rllib.connectors.common.numpy_to_tensor import NumpyToTensor
     from ray.rllib.connectors.learner import GeneralAdvantageEstimation
     from ray.rllib.core.columns import Columns
     from ray.rllib.env.single_agent_episode import SingleAgentEpisode
@@ -294,13 +295,18 @@ def test_each_env_type_gets_its_own_discount_in_gae_and_reward_scaling(tmp_path)
 
     cfg = tiny_config(tmp_path, envs=[{"id": "CartPole-v1", "gamma": 0.5}, "Pendulum-v1"])
     assert cfg.env_gammas == {"CartPole-v1": 0.5, "Pendulum-v1": 0.99}
-    algo_cfg = build_algorithm_config(cfg, env_spaces(cfg, probe_steps=0))
-    pieces = {type(c): c for c in algo_cfg.build_learner_connector(None, None).connectors}
+    spaces = env_spaces(cfg, probe_steps=0)
+    learner = build_algorithm_config(cfg, spaces).build_learner(spaces=spaces)
+    connectors = learner._learner_connector.connectors
+    pieces = [type(c) for c in connectors]
+    # RLlib's one-γ GAE is replaced; rewards are scaled (on numpy) before GAE.
     assert GeneralAdvantageEstimation not in pieces
-    assert pieces[PerEnvGeneralAdvantageEstimation].env_gammas == cfg.env_gammas
-    assert pieces[PerEnvRewardScaler].env_gammas == cfg.env_gammas
+    assert pieces[-1] is PerEnvGeneralAdvantageEstimation
+    scaler = pieces.index(PerEnvRewardScaler)
+    assert scaler == pieces.index(NumpyToTensor) - 1
+    assert connectors[scaler].env_gammas == cfg.env_gammas
 
-    module = algo_cfg.rl_module_spec.build()
+    module = learner.module
     rng = np.random.default_rng(0)
     episodes, batch = [], {}
     for mid in cfg.env_ids:
@@ -314,8 +320,7 @@ def test_each_env_type_gets_its_own_discount_in_gae_and_reward_scaling(tmp_path)
         batch[mid] = {Columns.OBS: torch.tensor(rng.normal(size=(12, obs_dim)), dtype=torch.float32),
                       Columns.REWARDS: rng.normal(size=12).astype(np.float32),
                       Columns.TERMINATEDS: terminated, Columns.TRUNCATEDS: truncated}
-    gae = PerEnvGeneralAdvantageEstimation(gamma=0.99, lambda_=0.95, env_gammas=cfg.env_gammas)
-    out = gae(rl_module=module, episodes=episodes, batch=copy.deepcopy(batch))
+    out = connectors[-1](rl_module=module, episodes=episodes, batch=copy.deepcopy(batch))
     for mid, other in [("CartPole-v1", 0.99), ("Pendulum-v1", 0.5)]:
         def stock(gamma, mid=mid):
             return GeneralAdvantageEstimation(gamma=gamma, lambda_=0.95)(

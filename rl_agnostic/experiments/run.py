@@ -9,6 +9,7 @@ agent's run in the ``init_from`` phase. One local Ray serves every run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import yaml
 
 from rl_agnostic.experiments.spec import Experiment, Run
 from rl_agnostic.nn.config import ConfigError, NetworkConfig
+from rl_agnostic.online.config import EnvEntry
 from rl_agnostic.online.trainer import atomic_write_text, latest_checkpoint, run_dir
 
 DONE_FILE = "done.json"
@@ -40,6 +42,9 @@ def check_run_dir(run: Run) -> None:
     # the results directory may have moved since
     saved.get("run", {}).pop("output_dir", None)
     wanted["run"].pop("output_dir", None)
+    # a run saved before an env-entry field existed (``gamma``) ran with that field's default
+    saved["envs"] = [{**dataclasses.asdict(EnvEntry(id=e.get("id"))), **e}
+                     if isinstance(e, dict) else e for e in saved.get("envs") or []]
     model = saved.get("model")
     if isinstance(model, dict) and isinstance(model.get("network"), dict):
         # a run saved before a network field existed ran with the value that field reproduces

@@ -54,7 +54,12 @@ from rl_agnostic.offline.data import (
     to_ray_dataset,
 )
 from rl_agnostic.online.normalize import RunningMeanStd, standardize
-from rl_agnostic.online.trainer import atomic_write_text, move_previous_run_aside
+from rl_agnostic.online.trainer import (
+    atomic_write_text,
+    check_checkpoint_compatible,
+    load_policy_file,
+    move_previous_run_aside,
+)
 
 POLICY_FILE = "policy.pt"
 STATE_FILE = "iql_state.pt"
@@ -423,7 +428,9 @@ def train_offline(cfg: OfflineConfig, *, resume: bool = False,
     has_state = out.is_dir() and any(out.glob("ckpt_*"))
     if not has_state and resume:
         log(f"--resume: no checkpoint in {out}, starting a new run")
-    if not (has_state and resume):
+    if has_state and resume:
+        check_checkpoint_compatible(load_policy_file(out), cfg, f"--resume from {out}")
+    else:
         move_previous_run_aside(out, log)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

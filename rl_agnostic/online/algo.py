@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from ray.rllib.algorithms.ppo import PPOConfig
-from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.tune.registry import register_env
 
@@ -16,29 +15,11 @@ from rl_agnostic.online.envs import (
     assign_env_types,
     make_rllib_env,
 )
-from rl_agnostic.online.gae import PerEnvGeneralAdvantageEstimation
 from rl_agnostic.online.learner import SharedNetworkPPOLearner
 from rl_agnostic.online.module import SharedNetworkMultiRLModule, env_module_spec
-from rl_agnostic.online.normalize import PerEnvObsNormalizer, PerEnvRewardScaler
+from rl_agnostic.online.normalize import PerEnvObsNormalizer
 
 ENV_NAME = "rl_agnostic_env_type"
-
-
-class AgnosticPPOConfig(PPOConfig):
-    """`PPOConfig` whose learner pipeline computes GAE with each env type's own γ, after scaling
-    each env type's rewards."""
-
-    def build_learner_connector(self, input_observation_space, input_action_space, device=None):
-        pipeline = super().build_learner_connector(input_observation_space, input_action_space,
-                                                   device=device)
-        env_gammas = self.learner_config_dict.get("env_gammas", {})
-        pipeline.insert_after(GeneralAdvantageEstimation, PerEnvGeneralAdvantageEstimation(
-            gamma=self.gamma, lambda_=self.lambda_, env_gammas=env_gammas))
-        pipeline.remove(GeneralAdvantageEstimation)
-        if self.learner_config_dict.get("scale_rewards", False):
-            pipeline.insert_before(PerEnvGeneralAdvantageEstimation,
-                                   PerEnvRewardScaler(gamma=self.gamma, env_gammas=env_gammas))
-        return pipeline
 
 
 def _obs_normalizer(env=None, spaces=None, device=None):
@@ -83,7 +64,7 @@ def batch_sizes(cfg: TrainConfig) -> tuple[int, int]:
 
 
 def build_algorithm_config(cfg: TrainConfig, spaces: dict[str, tuple[Any, Any]] | None = None,
-                           stop_env_steps: int | None = None) -> AgnosticPPOConfig:
+                           stop_env_steps: int | None = None) -> PPOConfig:
     """``stop_env_steps`` (per env type, default ``run.env_steps_per_env``) sets the horizon of the
     learning-rate annealing."""
     spaces = env_spaces(cfg) if spaces is None else spaces
@@ -97,7 +78,7 @@ def build_algorithm_config(cfg: TrainConfig, spaces: dict[str, tuple[Any, Any]] 
         rl_module_specs={i: env_module_spec(i, *spaces[i]) for i in ids},
     )
     return (
-        AgnosticPPOConfig()
+        PPOConfig()
         .environment(ENV_NAME, env_config={
             "env_ids": ids, "num_env_runners": cfg.num_env_runners, "seed": cfg.run.seed,
             "env_kwargs": {e.env_id: dict(e.kwargs) for e in cfg.envs if e.kwargs},

@@ -12,6 +12,9 @@ RLlib's `TorchLearner` assumes independent module ids. With one network behind a
   all-reduces ONE flat vector of every shared gradient (zeros where a learner's batch did not
   touch a parameter), divided by the world size: exactly DDP's mean gradient.
 - ``_log_trainable_parameters``: counts the shared parameters once.
+- ``build``: the GAE piece RLlib's PPO learner appends to its connector pipeline (one γ) is
+  swapped for `PerEnvGeneralAdvantageEstimation` (each env type's own γ), and each env type's
+  rewards are scaled (`PerEnvRewardScaler`) before they become tensors.
 
 The per-module PPO losses are summed by `TorchLearner.compute_gradients` before one backward: the
 paper's J_total of Algorithm 1.
@@ -22,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.common.numpy_to_tensor import NumpyToTensor
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core import ALL_MODULES
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import (
@@ -31,6 +36,8 @@ from ray.rllib.utils.metrics import (
 
 from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
 from rl_agnostic.nn.optim import make_optimizer
+from rl_agnostic.online.gae import PerEnvGeneralAdvantageEstimation
+from rl_agnostic.online.normalize import PerEnvRewardScaler
 
 
 class SharedNetworkPPOLearner(PPOTorchLearner):
@@ -38,8 +45,28 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
 
     Learner config (``config.learner_config_dict``): ``actor_lr``, ``critic_lr``, ``ssm_lr``;
     ``anneal_lr_env_steps``: when set, every group's learning rate decays linearly to 0 at that
-    many env steps (summed over env types), as CleanRL's PPO does.
+    many env steps (summed over env types), as CleanRL's PPO does; ``env_gammas``: γ per module
+    id; ``scale_rewards``: per-env reward scaling on or off.
     """
+
+    def build(self) -> None:
+        super().build()
+        pipeline = self._learner_connector
+        present = {type(c) for c in pipeline.connectors} if pipeline is not None else set()
+        if GeneralAdvantageEstimation not in present:  # the default pieces are switched off
+            return
+        opts, cfg = self.config.learner_config_dict, self.config
+        gammas = opts.get("env_gammas", {})
+        # RLlib's insert_before/after silently use the last piece when the named one is
+        # missing: both are checked present above and here.
+        pipeline.insert_after(GeneralAdvantageEstimation, PerEnvGeneralAdvantageEstimation(
+            gamma=cfg.gamma, lambda_=cfg.lambda_, env_gammas=gammas))
+        pipeline.remove(GeneralAdvantageEstimation)
+        if opts.get("scale_rewards", False):
+            if NumpyToTensor not in present:
+                raise RuntimeError("learner connector pipeline has no NumpyToTensor piece")
+            pipeline.insert_before(NumpyToTensor,
+                                   PerEnvRewardScaler(gamma=cfg.gamma, env_gammas=gammas))
 
     def configure_optimizers(self) -> None:
         multi = self.module

@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.online.config import TrainConfig
+
+if TYPE_CHECKING:
+    from rl_agnostic.offline.config import OfflineConfig
 
 POLICY_FILE = "policy.pt"
 
@@ -294,8 +297,10 @@ class OnlineTrainer:
         self.algo.stop()
 
 
-def check_checkpoint_compatible(policy: dict[str, Any], cfg: TrainConfig, source: str) -> None:
-    """Weights loaded from a checkpoint (``--init-from``, ``--resume``, a Tune restore) must mean
+def check_checkpoint_compatible(policy: dict[str, Any], cfg: TrainConfig | OfflineConfig,
+                                source: str) -> None:
+    """Weights loaded from a checkpoint (``--init-from``, ``--resume`` online or offline, a Tune
+    restore) must mean
     the same function in this run's network. Shape mismatches fail when the weights are loaded;
     these fields change what the same weights compute, silently, so they must match."""
     from rl_agnostic.nn.config import FUNCTION_FIELDS, NetworkConfig
