@@ -216,10 +216,17 @@ def _train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generators"][rank % len(state["generators"])])
         start = state["step"]
-        if rank == 0:
-            _say(f"resumed from step {start:,}")
-
     out = Path(config["run_dir"])
+    if rank == 0:
+        if ckpt is not None:
+            _say(f"resumed from step {start:,}")
+        # After a worker failure Ray Train restarts the loop from the last checkpoint it
+        # registered (or from step 0): the steps it redoes must not be logged twice.
+        log = out / "metrics.jsonl"
+        if log.is_file():
+            kept = [line for line in log.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= start]
+            atomic_write_text(log, "".join(line + "\n" for line in kept))
     gauges = RunMetrics(cfg.name)
     sums = {"data_s": 0.0, "step_s": 0.0, "steps": 0}
     for step in range(start + 1, cfg.run.steps + 1):
@@ -443,7 +450,13 @@ def train_offline(cfg: OfflineConfig, *, resume: bool = False,
     from rl_agnostic.distributed import init_ray
 
     init_ray()
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from rl_agnostic.offline.iql import IQLNetworks
@@ -469,7 +482,8 @@ def train_offline(cfg: OfflineConfig, *, resume: bool = False,
                                      resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=str(out.parent),
                              checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.run.keep_checkpoints)),
+                                 num_to_keep=cfg.run.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={p.name: to_ray_dataset(p.data) for p in prepared},
         dataset_config=DataConfig(datasets_to_split=names if split else []),
     )
