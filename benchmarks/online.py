@@ -228,8 +228,9 @@ def write_markdown(path: Path, s: dict) -> None:
 
 def _own_discounts(s: dict) -> str:
     own = [f"{e['id']} γ {e['gamma']}" for e in s["config"]["envs"] if e.get("gamma") is not None]
-    return "; " + ", ".join(own) + " for both agents, the rest γ " + str(
-        s["config"]["ppo"]["gamma"]) if own else ""
+    if not own:
+        return ""
+    return f"; {', '.join(own)} for both agents, the rest γ {s['config']['ppo']['gamma']}"
 
 
 def _before_after(s: dict) -> str:

@@ -58,7 +58,7 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
         opts, cfg = self.config.learner_config_dict, self.config
         gammas = opts.get("env_gammas", {})
         # RLlib's insert_before/after silently use the last piece when the named one is
-        # missing: both are checked present above and here.
+        # missing, so each anchor is checked present first.
         pipeline.insert_after(GeneralAdvantageEstimation, PerEnvGeneralAdvantageEstimation(
             gamma=cfg.gamma, lambda_=cfg.lambda_, env_gammas=gammas))
         pipeline.remove(GeneralAdvantageEstimation)

@@ -300,9 +300,9 @@ class OnlineTrainer:
 def check_checkpoint_compatible(policy: dict[str, Any], cfg: TrainConfig | OfflineConfig,
                                 source: str) -> None:
     """Weights loaded from a checkpoint (``--init-from``, ``--resume`` online or offline, a Tune
-    restore) must mean
-    the same function in this run's network. Shape mismatches fail when the weights are loaded;
-    these fields change what the same weights compute, silently, so they must match."""
+    restore) must mean the same function in this run's network. Shape mismatches fail when the
+    weights are loaded; these fields change what the same weights compute, silently, so they
+    must match."""
     from rl_agnostic.nn.config import FUNCTION_FIELDS, NetworkConfig
 
     if policy["kind"] != cfg.model.kind:
