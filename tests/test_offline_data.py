@@ -484,7 +484,7 @@ def test_config_defaults_and_round_trip():
     ({}, [], "datasets must be a non-empty list"),
     ({}, [{"format": "d4rl"}], "datasets[0] needs a string 'path'"),
     ({"datsets": 1}, ["a"], "unknown key 'datsets'; did you mean 'datasets'?"),
-    ({"run": {"max_failures": -2}}, ["a"], "run.max_failures must be >= -1"),
+    ({"run": {"max_failures": -1}}, ["a"], "run.max_failures must be >= 0, got -1"),
 ])
 def test_bad_offline_config_is_rejected_with_a_specific_message(extra, datasets, message):
     with pytest.raises(ConfigError, match=esc(message)):

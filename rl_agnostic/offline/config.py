@@ -119,7 +119,7 @@ class OfflineRunSettings:
     """Checkpoints kept on disk (the newest)."""
     max_failures: int = 3
     """Worker-group failures Ray Train recovers from by restarting the workers from the latest
-    checkpoint (-1 = always). Also covers Ray 2.60's placement-group cleaner, which under heavy
+    checkpoint it registered (0 = none). Also covers Ray 2.60's placement-group cleaner, which under heavy
     load can take the live controller for dead and remove the workers' placement group."""
     output_dir: str = "runs"
     """Run directory parent: <output_dir>/<name>/ holds checkpoints and metrics.jsonl."""
@@ -172,8 +172,6 @@ class OfflineConfig(SectionedConfig):
         for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(run, name) < 1:
                 raise ConfigError(f"{source}: run.{name} must be >= 1")
-        if run.max_failures < -1:
-            raise ConfigError(f"{source}: run.max_failures must be >= -1")
         if len(self.datasets) < r.num_workers and i.batch_size < r.num_workers:
             raise ConfigError(f"{source}: iql.batch_size ({i.batch_size}) must be >= "
                               f"resources.num_workers ({r.num_workers}) when every worker holds "
