@@ -214,7 +214,8 @@ def write_markdown(path: Path, s: dict) -> None:
         f"network (d_model {net['d_model']}, {net['s4_layers']} S4 + {net['transformer_layers']} "
         f"Transformer layers per block) on all datasets, 2 Ray Train workers. IQL: one "
         f"single-env MLP agent per dataset (d_model {net['d_model']}), 1 worker. Scores: "
-        f"deterministic evaluation of the final policy, normalized 100·(return − random)/"
+        f"deterministic evaluation of the final policy ({s['config']['run']['eval_episodes']} "
+        f"episodes, env copy i seeded seed + 10,000 + i), normalized 100·(return − random)/"
         f"(behaviour policy − random) with the references recorded at collection.",
         "",
         "| dataset | env | IQL | DD-IQL | IQL return | DD-IQL return |",

@@ -39,13 +39,12 @@ def random_score(env_id: str, episodes: int, seed: int = 0,
     from rl_agnostic.online.agent import episode_returns
     from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
 
-    env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed, env_kwargs=env_kwargs)
-    space = env.action_spaces[env_id]
+    probe = SingleEnvTypeMultiAgentEnv(env_id, seed=seed, env_kwargs=env_kwargs)
+    space = probe.action_spaces[env_id]
+    probe.close()
     space.seed(seed)
-    try:
-        return float(np.mean(episode_returns(env, lambda obs: space.sample(), episodes)))
-    finally:
-        env.close()
+    return float(np.mean(episode_returns(env_id, lambda obs: [space.sample() for _ in obs],
+                                         episodes, seed, env_kwargs)))
 
 
 def measure_random_scores(exp: Experiment, out: Path,

@@ -183,7 +183,6 @@ def collect(env_id: str, policies: list[PolicySource], out_dir: str | Path, name
     Returns a summary (paths, per-policy returns, reference scores), also written as
     ``<out_dir>/<name>.json``. Seeds: episode i of the whole run resets with ``seed + i``."""
     from rl_agnostic.envs.make import check_env_id
-    from rl_agnostic.online.agent import episode_returns
     from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
 
     check_env_id(env_id)
@@ -193,8 +192,8 @@ def collect(env_id: str, policies: list[PolicySource], out_dir: str | Path, name
     try:
         rand_env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed + 1_000_000)
         try:
-            random_returns = episode_returns(rand_env, _actor("random", rand_env, seed, None),
-                                             random_episodes)
+            random_returns = [e.ret for e in rollout(
+                rand_env, _actor("random", rand_env, seed, None), random_episodes)]
         finally:
             rand_env.close()
         episodes: list[Episode] = []

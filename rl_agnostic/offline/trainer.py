@@ -346,7 +346,6 @@ def _evaluate(nets, cfg: OfflineConfig, config: dict, specs: list[EnvSpec],
               obs_stats: dict[str, RunningMeanStd]) -> dict[str, float]:
     """Deterministic episodes of the policy in each dataset's env; raw and normalized returns."""
     from rl_agnostic.online.agent import episode_returns
-    from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
 
     agent = _agent(nets, cfg, specs, obs_stats)
     nets.eval()
@@ -356,13 +355,9 @@ def _evaluate(nets, cfg: OfflineConfig, config: dict, specs: list[EnvSpec],
         for d, name in enumerate(config["names"]):
             env_id = specs[d].env_id
             if env_id not in returns_by_env:
-                env = SingleEnvTypeMultiAgentEnv(env_id, seed=cfg.run.seed + 10_000)
-                try:
-                    returns_by_env[env_id] = float(np.mean(episode_returns(
-                        env, lambda obs, e=env_id: agent.act(e, obs[None])[0],
-                        cfg.run.eval_episodes)))
-                finally:
-                    env.close()
+                returns_by_env[env_id] = float(np.mean(episode_returns(
+                    env_id, lambda obs, e=env_id: agent.act(e, obs), cfg.run.eval_episodes,
+                    seed=cfg.run.seed + 10_000)))
             ret = returns_by_env[env_id]
             info = DatasetInfo(**config["infos"][d])
             metrics[f"dataset/{name}/return_mean"] = ret

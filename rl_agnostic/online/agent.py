@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rl_agnostic.envs.make import env_spec
 from rl_agnostic.envs.spec import EnvSpec
 from rl_agnostic.nn import ActorCritic, NetworkConfig, build_actor_critic
 from rl_agnostic.online.normalize import RunningMeanStd, standardize
@@ -92,35 +93,41 @@ def to_env_action(action: np.ndarray, spec: EnvSpec) -> np.ndarray:
     return np.where(bounded, np.clip(out, low, high), out).astype(np.float32)
 
 
-def episode_returns(env: Any, act: Callable[[np.ndarray], Any], episodes: int) -> list[float]:
-    """Returns of ``episodes`` whole episodes of a `SingleEnvTypeMultiAgentEnv`, acting with
-    ``act(observation) -> action``."""
-    env_id = env.env_id
-    returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        total, done = 0.0, False
-        while not done:
-            obs, reward, term, trunc, _ = env.step({env_id: act(obs[env_id])})
-            total += reward[env_id]
-            done = term["__all__"] or trunc["__all__"]
-        returns.append(total)
-    return returns
+def episode_returns(env_id: str, act: Callable[[np.ndarray], Any], episodes: int, seed: int,
+                    env_kwargs: dict | None = None) -> list[float]:
+    """Returns of ``episodes`` episodes of ``env_id``, one per env copy (copy i seeded
+    ``seed + i``), all stepped together: ``act`` maps a (B, obs_dim) batch of the still-running
+    copies' observations to B actions, so N episodes cost about as many policy forwards as one."""
+    from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
+
+    envs = [SingleEnvTypeMultiAgentEnv(env_id, seed=seed + i, env_kwargs=env_kwargs)
+            for i in range(episodes)]
+    try:
+        obs = [env.reset()[0][env_id] for env in envs]
+        returns = [0.0] * episodes
+        running = list(range(episodes))
+        while running:
+            actions = act(np.stack([obs[i] for i in running]))
+            still = []
+            for i, action in zip(running, actions, strict=True):
+                step_obs, reward, term, trunc, _ = envs[i].step({env_id: action})
+                obs[i] = step_obs[env_id]
+                returns[i] += reward[env_id]
+                if not (term["__all__"] or trunc["__all__"]):
+                    still.append(i)
+            running = still
+        return returns
+    finally:
+        for env in envs:
+            env.close()
 
 
 def evaluate(path: str | Path, env_id: str, episodes: int = 10, seed: int = 12345,
              deterministic: bool = True) -> dict[str, Any]:
     """Returns of ``episodes`` episodes of ``env_id`` acted by the checkpoint's policy."""
-    from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
-
     agent = Agent.load(path)
-    env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
-    spec = EnvSpec.from_spaces(env_id, env.observation_spaces[env_id], env.action_spaces[env_id])
-    agent.spec(env_id, spec)
-    try:
-        returns = episode_returns(
-            env, lambda obs: agent.act(env_id, obs[None], deterministic, spec)[0], episodes)
-    finally:
-        env.close()
+    spec = agent.spec(env_id, env_spec(env_id))
+    returns = episode_returns(env_id, lambda obs: agent.act(env_id, obs, deterministic, spec),
+                              episodes, seed)
     return {"env_id": env_id, "episodes": episodes, "returns": returns,
             "mean": float(np.mean(returns)), "std": float(np.std(returns))}
