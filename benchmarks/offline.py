@@ -246,6 +246,20 @@ def write_markdown(path: Path, s: dict) -> None:
         f"- Wall time: DD-IQL {s['wall_s']['ddiql'] / 60:.1f} min; IQL " + ", ".join(
             f"{k[4:]} {v / 60:.1f} min" for k, v in s["wall_s"].items() if k != "ddiql") + ".",
         "",
+    ]
+    curves = s.get("curves", {})
+    steps = sorted({step for c in curves.get("ddiql", {}).values() for step, _ in c})
+    if steps:
+        # One final evaluation hides how much a policy moves between checkpoints.
+        lines += ["Normalized score at every evaluation (IQL / DD-IQL):", "",
+                  "| dataset | " + " | ".join(f"step {t:,}" for t in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for n in s["datasets"]:
+            at = {a: dict(curves[a].get(n, [])) for a in ("iql", "ddiql")}
+            lines.append(f"| {n} | " + " | ".join(
+                f"{_fmt(at['iql'].get(t))} / {_fmt(at['ddiql'].get(t))}" for t in steps) + " |")
+        lines.append("")
+    lines += [
         "Datasets (regenerate: `python benchmarks/offline.py --datasets-only`):",
         "",
         "| dataset | transitions | random return | behaviour policies (return) |",
