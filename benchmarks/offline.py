@@ -215,7 +215,7 @@ def write_markdown(path: Path, s: dict) -> None:
         f"Transformer layers per block) on all datasets, 2 Ray Train workers. IQL: one "
         f"single-env MLP agent per dataset (d_model {net['d_model']}), 1 worker. Scores: "
         f"deterministic evaluation of the final policy ({s['config']['run']['eval_episodes']} "
-        f"episodes, env copy i seeded seed + 10,000 + i), normalized 100·(return − random)/"
+        f"episodes, each in its own seeded env copy), normalized 100·(return − random)/"
         f"(behaviour policy − random) with the references recorded at collection.",
         "",
         "| dataset | env | IQL | DD-IQL | IQL return | DD-IQL return |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rl_agnostic.offline.collect import rollout
 from rl_agnostic.online.agent import episode_returns
 from rl_agnostic.online.envs import SingleEnvTypeMultiAgentEnv
 
@@ -16,12 +17,7 @@ def _lean_right(obs: np.ndarray) -> np.ndarray:
 def _alone(env_id: str, seed: int) -> float:
     env = SingleEnvTypeMultiAgentEnv(env_id, seed=seed)
     try:
-        obs, total, done = env.reset()[0][env_id], 0.0, False
-        while not done:
-            step_obs, reward, term, trunc, _ = env.step({env_id: _lean_right(obs[None])[0]})
-            obs, total = step_obs[env_id], total + reward[env_id]
-            done = term["__all__"] or trunc["__all__"]
-        return total
+        return rollout(env, lambda obs: _lean_right(obs[None])[0], 1)[0].ret
     finally:
         env.close()
 
