@@ -251,8 +251,8 @@ def run_demo(
     total = sum(r.env_steps for r in runners)
     say(f"\n{total:,} env-steps in {wall:.1f} s with one network of {n_params_after:,} parameters "
         f"(policy sampled in eval mode, continuous actions clipped to the action bounds).")
-    say("The network is untrained, so these are the returns of an untrained policy: training "
-        "arrives with the online trainer (DD-PPO on RLlib), offline DD-IQL after it.")
+    say("The network is untrained, so these are an untrained policy's returns: `rl-agnostic "
+        "train` trains it online (DD-PPO on RLlib), `rl-agnostic offline` from datasets (DD-IQL).")
     return runners
 
 
