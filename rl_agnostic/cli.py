@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--report-only", action="store_true",
                      help="rewrite the tables and plots from the finished runs, train nothing")
     ev = sub.add_parser("evaluate", help="deterministic episodes with a checkpoint's policy")
-    ev.add_argument("checkpoint", metavar="CKPT", help="checkpoint or run directory")
+    ev.add_argument("checkpoint", metavar="CKPT",
+                    help="run directory, checkpoint directory, checkpoints/latest or policy.pt")
     ev.add_argument("--env", required=True, action="append", metavar="ID",
                     help="env id (repeatable)")
     ev.add_argument("--episodes", type=_positive_int, default=10, metavar="N")

@@ -234,3 +234,31 @@ def test_init_from_or_resuming_a_checkpoint_whose_weights_mean_another_function_
     with pytest.raises(ValueError, match=f"resuming from .*{message}"):
         OnlineTrainer(cfg, resume=True)
     assert not ray.is_initialized()
+
+
+def test_policy_file_is_found_from_every_checkpoint_path_and_bad_files_are_named(tmp_path):
+    import torch
+
+    from rl_agnostic.online.trainer import POLICY_FILE, load_policy_file
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "ckpt_000003").mkdir(parents=True)
+    torch.save({"kind": "agnostic", "step": 3}, ckpts / "ckpt_000003" / POLICY_FILE)
+    (ckpts / "latest").write_text("ckpt_000003\n")
+    for given in (tmp_path / "run", ckpts, ckpts / "latest", ckpts / "ckpt_000003",
+                  ckpts / "ckpt_000003" / POLICY_FILE):
+        assert load_policy_file(given) == {"kind": "agnostic", "step": 3}, given
+
+    whole = (ckpts / "ckpt_000003" / POLICY_FILE).read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    not_a_policy = tmp_path / "notes.txt"
+    not_a_policy.write_text("ckpt_000003\n")
+    for bad in (truncated, not_a_policy):
+        with pytest.raises(ValueError, match=f"{re.escape(str(bad))} is not a readable"):
+            load_policy_file(bad)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list"):
+        load_policy_file(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_policy_file(tmp_path)

@@ -319,10 +319,15 @@ def check_checkpoint_compatible(policy: dict[str, Any], cfg: TrainConfig | Offli
 
 
 def load_policy_file(path: str | Path) -> dict[str, Any]:
-    """``policy.pt`` of a checkpoint directory, of a run directory (its latest), or the file."""
+    """``policy.pt`` of a checkpoint directory, of a run directory or its ``checkpoints/``
+    (their latest), of the ``latest`` pointer file, or the file itself."""
+    import pickle
+
     import torch
 
     path = Path(path)
+    if path.is_file() and path.name == "latest":  # a text file naming the newest checkpoint
+        path = path.parent
     if path.is_dir():
         ckpt = path if (path / POLICY_FILE).is_file() else latest_checkpoint(path)
         if ckpt is None:
@@ -330,7 +335,14 @@ def load_policy_file(path: str | Path) -> dict[str, Any]:
         path = ckpt / POLICY_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        policy = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable {POLICY_FILE} (truncated, corrupt or "
+                         f"another kind of file): {err}") from err
+    if not isinstance(policy, dict):
+        raise ValueError(f"{path} holds a {type(policy).__name__}, not a {POLICY_FILE} dict")
+    return policy
 
 
 def train(cfg: TrainConfig, *, stop_env_steps: int | None = None, resume: bool = False,
