@@ -56,6 +56,26 @@ def test_scale_overrides_swap_envs_and_adjust_or_leave_agents_out(tmp_path):
     assert load_experiment("mix16", "cpu", seeds=[3, 4], env_steps_per_env=7).seeds == (3, 4)
 
 
+def test_an_experiment_sharing_runs_takes_their_settings_unless_it_sets_its_own(tmp_path):
+    shared = BASE.replace("cpu: {seeds: [0], env_steps_per_env: 10}",
+                          "cpu: {seeds: [0], env_steps_per_env: 10, train: {ppo: {num_epochs: 3}},"
+                          "\n        agents: {single: {train: {ppo: {num_minibatches: 2}}}}}")
+    (tmp_path / "base.yaml").write_text(shared)
+    sharing = (BASE.replace("name: x", f"name: y\nshare_runs_with: {tmp_path / 'base.yaml'}")
+               .replace("cpu: {seeds: [0], env_steps_per_env: 10}", "cpu: {seeds: [1]}"))
+    exp = load_experiment(_write(tmp_path, sharing), "cpu")
+    assert exp.env_steps_per_env == 10 and exp.seeds == (1,)
+    for r in exp.runs("/tmp/o/y"):
+        assert r.config.ppo.num_epochs == 3
+        assert r.config.ppo.num_minibatches == (2 if r.agent == "single" else 8)
+    own = sharing.replace("cpu: {seeds: [1]}", "cpu: {seeds: [1], train: {ppo: {num_epochs: 5}}}")
+    assert {r.config.ppo.num_epochs for r in load_experiment(_write(tmp_path, own), "cpu")
+            .runs("/tmp/o/y")} == {5}
+    with pytest.raises(ConfigError, match="has no scale 'cpu'"):
+        (tmp_path / "base.yaml").write_text(shared.replace("  cpu:", "  gpu:"))
+        load_experiment(_write(tmp_path, sharing), "cpu")
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(text)

@@ -208,6 +208,8 @@ def load_experiment(name_or_path: str | Path, scale: str = "cpu",
         raise ConfigError(f"{source}: scales.{scale} must be a mapping")
     check_keys(sc, ["seeds", "env_steps_per_env", "train", "phases", "agents", "note"],
                f"{source}: scales.{scale}")
+    if values.get("share_runs_with"):
+        sc = _inherit_shared_scale(sc, str(values["share_runs_with"]), scale, agents, source)
     # A scale may swap the env sets (e.g. cheaper envs on a CPU) and adjust agents.
     if sc.get("phases") is not None:
         phases = _parse_phases(sc["phases"], agents, f"{source}: scales.{scale}")
@@ -245,6 +247,21 @@ def load_experiment(name_or_path: str | Path, scale: str = "cpu",
     _check_env_ids(exp)
     exp.runs("validate")  # builds every TrainConfig: bad keys and values fail here
     return exp
+
+
+def _inherit_shared_scale(sc: dict, shared: str, scale: str, agents: dict, source: str) -> dict:
+    """A scale of an experiment that shares another's runs takes that experiment's same-scale
+    budget, ``train`` block and per-agent overrides (of the agents both have) where it sets none
+    of its own: the shared runs must have been trained with exactly those settings, so writing
+    them twice would only let the copies drift apart (and `check_run_dir` refuse the runs)."""
+    other = read_yaml_mapping(experiment_path(shared))
+    other_sc = (other.get("scales") or {}).get(scale) if isinstance(other, dict) else None
+    if not isinstance(other_sc, dict):
+        raise ConfigError(f"{source}: share_runs_with {shared!r} has no scale {scale!r}")
+    inherited = {key: other_sc[key] for key in ("env_steps_per_env", "train") if key in other_sc}
+    inherited["agents"] = {name: over for name, over in (other_sc.get("agents") or {}).items()
+                           if name in agents}
+    return _merge(inherited, sc)
 
 
 def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
