@@ -119,12 +119,14 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         table: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
         params: dict[str, int] = {}
         wall: dict[str, float] = defaultdict(float)
+        seed_wall: dict[int, float] = defaultdict(float)
         for r in by_phase[phase.name]:
             done = run_done(r)
             if done is None:
                 result["missing_runs"].append(r.key)
                 continue
             wall[r.label] += done["wall_s"]
+            seed_wall[r.seed] += done["wall_s"]
             if r.seed == exp.seeds[0]:
                 if r.mode == "single":
                     params[r.label] = params.get(r.label, 0) + done["num_parameters"]
@@ -163,7 +165,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         result["phases"][phase.name] = {
             "envs": env_ids, "init_from": phase.init_from, "reference": ref, "labels": labels,
             "scores": scores, "normalized_final_mean": means, "parameters": params,
-            "wall_s": dict(wall),
+            "wall_s": dict(wall), "wall_s_per_seed": dict(seed_wall),
             "curves": {lab: {e: {s: table[lab][e][s]["curve"] for s in table[lab].get(e, {})}
                              for e in env_ids} for lab in labels},
         }
@@ -292,6 +294,14 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
         total = sum(ph["wall_s"].values()) / 60
         lines += ["", f"Wall time of this phase: {total:.1f} min ({walls}).", "",
                   f"![{name} learning curves]({name}.png)", ""]
+    per_seed: dict[int, float] = defaultdict(float)
+    for ph in result["phases"].values():
+        for seed, w in ph.get("wall_s_per_seed", {}).items():
+            per_seed[int(seed)] += w
+    if per_seed:
+        lines += [("Wall time per seed, all phases: "
+                   + ", ".join(f"seed {s} {w / 60:.1f} min" for s, w in sorted(per_seed.items()))
+                   + " (runs one after another on this machine)."), ""]
     lines += [(f"Config: [`config.yaml`](config.yaml). Reproduce: "
                f"`rl-agnostic experiment {exp.name} --scale {exp.scale}`.")]
     path.write_text("\n".join(lines) + "\n")
