@@ -177,6 +177,11 @@ def test_tiny_mix_to_mix_writes_tables_plots_and_parameter_counts(tiny_results):
     assert "Phase `transfer` (from `pretrain`)" in md and "agnostic-s4 (transfer)" in md
     assert yaml.safe_load((out / "config.yaml").read_text())["scale"] == "tiny"
     assert any("initialized weights from" in line for line in lines)
+    # the per-seed wall time is every phase's runs summed
+    walls = [json.loads(path.read_text())["wall_s"]
+             for path in (out / "runs").glob("*/seed0/*/done.json")]
+    assert len(walls) > 2 and result["wall_s_per_seed"][0] == pytest.approx(sum(walls))
+    assert f"seed 0 {sum(walls) / 60:.1f} min" in md
 
 
 def test_restarting_skips_finished_runs_and_shared_runs_are_reused(tiny_results):

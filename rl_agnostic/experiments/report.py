@@ -113,13 +113,13 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"experiment": exp.name, "scale": exp.scale,
                               "seeds": list(exp.seeds), "env_steps_per_env": exp.env_steps_per_env,
                               "random": rand, "phases": {}, "missing_runs": []}
+    seed_wall: dict[int, float] = defaultdict(float)  # all phases: the cpu budget is per seed
     for phase in exp.phases:
         env_ids = exp.env_ids(phase.name)
         # label -> env -> seed -> (final, best, curve)
         table: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
         params: dict[str, int] = {}
         wall: dict[str, float] = defaultdict(float)
-        seed_wall: dict[int, float] = defaultdict(float)
         for r in by_phase[phase.name]:
             done = run_done(r)
             if done is None:
@@ -165,7 +165,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         result["phases"][phase.name] = {
             "envs": env_ids, "init_from": phase.init_from, "reference": ref, "labels": labels,
             "scores": scores, "normalized_final_mean": means, "parameters": params,
-            "wall_s": dict(wall), "wall_s_per_seed": dict(seed_wall),
+            "wall_s": dict(wall),
             "curves": {lab: {e: {s: table[lab][e][s]["curve"] for s in table[lab].get(e, {})}
                              for e in env_ids} for lab in labels},
         }
@@ -175,6 +175,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
             if exp.primary:
                 result["phases"][phase.name]["primary_check"] = _primary_check(
                     exp, scores, env_ids)
+    result["wall_s_per_seed"] = dict(seed_wall)
     return result
 
 
@@ -294,13 +295,10 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
         total = sum(ph["wall_s"].values()) / 60
         lines += ["", f"Wall time of this phase: {total:.1f} min ({walls}).", "",
                   f"![{name} learning curves]({name}.png)", ""]
-    per_seed: dict[int, float] = defaultdict(float)
-    for ph in result["phases"].values():
-        for seed, w in ph.get("wall_s_per_seed", {}).items():
-            per_seed[int(seed)] += w
-    if per_seed:
+    if result["wall_s_per_seed"]:
         lines += [("Wall time per seed, all phases: "
-                   + ", ".join(f"seed {s} {w / 60:.1f} min" for s, w in sorted(per_seed.items()))
+                   + ", ".join(f"seed {s} {w / 60:.1f} min"
+                               for s, w in sorted(result["wall_s_per_seed"].items()))
                    + " (runs one after another on this machine)."), ""]
     lines += [(f"Config: [`config.yaml`](config.yaml). Reproduce: "
                f"`rl-agnostic experiment {exp.name} --scale {exp.scale}`.")]
