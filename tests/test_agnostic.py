@@ -147,8 +147,39 @@ def test_ppo_gradients_reach_upstream_layers(randomized):
     LayerNorm: upstream gradients must exceed float round-off (1e-5 for an O(1) loss)."""
     net = _ppo_backward(randomized)
     grads = dict(net.named_parameters())
-    tiny = {n: f"{grads[n].grad.norm():.1e}" for n in UPSTREAM if grads[n].grad.norm() <= 1e-5}
+    # At init the log-std decoder outputs exactly 0 (exact_log_std_init): only its final
+    # LayerNorm learns in the first step (test_policy_starts_at_exactly_log_std_init).
+    upstream = [n for n in UPSTREAM if randomized or not n.startswith("log_std_decoder")]
+    tiny = {n: f"{grads[n].grad.norm():.1e}" for n in upstream if grads[n].grad.norm() <= 1e-5}
     assert not tiny, f"round-off-sized gradients: {tiny}"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_policy_starts_at_exactly_log_std_init(seed):
+    """Every env, state and action dimension starts at log_std_init (the decoder is shared, so
+    an init offset would be the same wrong σ for every env); the first step moves the log-std
+    decoder's final LayerNorm, after which the whole decoder learns."""
+    cfg = CFG.replace(log_std_init=-0.5)
+    torch.manual_seed(seed)
+    net = AgnosticActorCritic(cfg, [CARTPOLE, HOPPER, HUMANOID]).train()
+    for spec in (HOPPER, HUMANOID):
+        _, log_std = D.split_gaussian(net.actor(torch.randn(16, spec.obs_dim) * 3, spec))
+        torch.testing.assert_close(log_std, torch.full_like(log_std, -0.5))
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    ppo_loss(net, HOPPER, gen).backward()
+    assert net.log_std_decoder.final_norm.weight.grad.abs().max() > 0
+    opt.step()
+    opt.zero_grad()
+    ppo_loss(net, HOPPER, gen).backward()
+    upstream = net.log_std_decoder.block.layers[0].output_linear.weight.grad
+    assert upstream.abs().max() > 1e-6
+    # the ordinary init starts each seed somewhere else, the same for every state
+    torch.manual_seed(seed)
+    spread = AgnosticActorCritic(cfg.replace(exact_log_std_init=False), [HOPPER]).eval()
+    with torch.no_grad():
+        _, log_std = D.split_gaussian(spread.actor(torch.randn(16, HOPPER.obs_dim), HOPPER))
+    assert (log_std + 0.5).abs().max() > 0.05
 
 
 def test_rollout_under_inference_mode_then_training_step():

@@ -149,6 +149,23 @@ def test_specific_envs_do_not_share_encoders():
                                   model.actor(obs, EnvSpec("CartPole-v0", 4, "discrete", 2)))
 
 
+@pytest.mark.parametrize("kind", ["single", "specific", "padded"])
+def test_baseline_policies_start_at_exactly_log_std_init(kind):
+    """The log-std rows of the last layer start at zero (exact_log_std_init); an env added
+    later (transfer) starts there too. The means still depend on the observation."""
+    model = build(kind, [HOPPER, CARTPOLE] if kind != "single" else [HOPPER])
+    if kind == "specific":
+        model.add_env(HUMANOID)
+    for spec in [HOPPER] + ([HUMANOID] if kind == "specific" else []):
+        dist = check_outputs(model, spec)
+        _, log_std = D.split_gaussian(dist)
+        torch.testing.assert_close(log_std, torch.full_like(log_std, CFG.log_std_init))
+    torch.manual_seed(0)
+    ordinary = build_actor_critic(kind, CFG.replace(exact_log_std_init=False), [HOPPER])
+    _, log_std = D.split_gaussian(ordinary.actor(torch.randn(5, HOPPER.obs_dim), HOPPER))
+    assert (log_std - CFG.log_std_init).abs().max() > 0.05
+
+
 def test_padded_masks_outputs_to_the_env_action_count():
     model = PaddedActorCritic(CFG, ALL)
     assert model.max_obs_dim == 376 and model.max_discrete == 3 and model.max_continuous == 17

@@ -96,5 +96,8 @@ def test_saved_config_without_a_later_field_keeps_the_network_it_was_saved_with(
     del saved["encoder_position"]
     assert NetworkConfig.from_saved(saved).encoder_position == "none"
     assert NetworkConfig.from_dict(saved).encoder_position == "modulated"
+    # a run saved before `exact_log_std_init` existed started from the ordinary init
+    del saved["exact_log_std_init"]
+    assert NetworkConfig.from_saved(saved).exact_log_std_init is False
     current = NetworkConfig(d_model=16).to_dict()
     assert NetworkConfig.from_saved(current) == NetworkConfig.from_dict(current)

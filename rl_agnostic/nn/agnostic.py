@@ -67,6 +67,8 @@ class AgnosticActorCritic(ActorCritic):
         self.discrete_decoder = Decoder(cfg)
         self.mean_decoder = Decoder(cfg)
         self.log_std_decoder = Decoder(cfg)
+        if cfg.exact_log_std_init:
+            self.log_std_decoder.start_at_zero_()
         self.value_decoder = Decoder(cfg)
         self._contexts = ContextCache(cfg.identity_dim)
         for spec in specs:

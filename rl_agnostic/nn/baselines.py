@@ -53,6 +53,15 @@ def _bound_gaussian(raw: Tensor, cfg: NetworkConfig) -> Tensor:
                                                  cfg.log_std_init)], -1)
 
 
+def _start_log_std_at_init(cfg: NetworkConfig, out: nn.Module, first: int, n: int) -> None:
+    """Zero the rows [first, first + n) of the Linear ``out`` that produce raw log-stds, so the
+    policy starts at exactly ``log_std_init`` (``NetworkConfig.exact_log_std_init``)."""
+    if cfg.exact_log_std_init:
+        with torch.no_grad():
+            out.weight[first:first + n].zero_()
+            out.bias[first:first + n].zero_()
+
+
 def _mlp(cfg: NetworkConfig, in_dim: int | None = None, out_dim: int | None = None) -> ResidualMLP:
     return ResidualMLP(cfg.d_model, cfg.mlp_hidden, cfg.mlp_depth, in_dim=in_dim, out_dim=out_dim)
 
@@ -82,6 +91,8 @@ class SingleEnvActorCritic(_BaselineActorCritic):
     def __init__(self, cfg: NetworkConfig, spec: EnvSpec) -> None:
         super().__init__(cfg)
         self.policy_net = _mlp(cfg, spec.obs_dim, policy_out_dim(spec))
+        if not spec.is_discrete:
+            _start_log_std_at_init(cfg, self.policy_net.out, spec.action_dim, spec.action_dim)
         self.critic_net = _mlp(cfg, spec.obs_dim, 1)
         super().add_env(spec)
 
@@ -141,6 +152,9 @@ class SpecificActorCritic(_BaselineActorCritic):
             "critic_encoders": _mlp(self.cfg, in_dim=spec.obs_dim),
             "critic_decoders": _mlp(self.cfg, out_dim=1),
         }
+        if not spec.is_discrete:
+            _start_log_std_at_init(self.cfg, new["actor_decoders"].out, spec.action_dim,
+                                   spec.action_dim)
         for attr, module in new.items():
             getattr(self, attr)[key] = module.to(device=like.device, dtype=like.dtype)
 
@@ -178,6 +192,9 @@ class PaddedActorCritic(_BaselineActorCritic):
         self.gaussian_head = (
             nn.Linear(cfg.d_model, 2 * self.max_continuous) if self.max_continuous else None
         )
+        if self.gaussian_head is not None:
+            _start_log_std_at_init(cfg, self.gaussian_head, self.max_continuous,
+                                   self.max_continuous)
         self.critic_net = _mlp(cfg, in_dim=in_dim, out_dim=1)
         self._contexts = ContextCache(cfg.identity_dim)
         for spec in specs:

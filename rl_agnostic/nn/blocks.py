@@ -133,8 +133,20 @@ class Decoder(nn.Module):
         # is exactly the mean bias, for every input, and no gradient reaches any earlier layer
         # until the weight has moved. A spread-out weight makes the decoder start as a function
         # of its input, with outputs of std ~0.5/sqrt(H) (small logits, values near 0).
-        final_norm = [m for m in self.block.modules() if isinstance(m, nn.LayerNorm)][-1]
-        nn.init.normal_(final_norm.weight, 1.0, 0.5)
+        nn.init.normal_(self.final_norm.weight, 1.0, 0.5)
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        """The block's last LayerNorm, whose output the decoder pools."""
+        return [m for m in self.block.modules() if isinstance(m, nn.LayerNorm)][-1]
+
+    def start_at_zero_(self) -> Decoder:
+        """Output exactly 0 for every input until trained: the final LayerNorm's weight and bias
+        start at 0. Their gradients (normalized features, 1) are not zero, so the first step
+        moves them, and the rest of the decoder learns from the second step on."""
+        nn.init.zeros_(self.final_norm.weight)
+        nn.init.zeros_(self.final_norm.bias)
+        return self
 
     def forward(self, h: Tensor, out_len: int) -> Tensor:
         if out_len < 1:

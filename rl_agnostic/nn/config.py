@@ -77,6 +77,13 @@ class NetworkConfig:
     """Log-std the Gaussian policy starts from (decoder output 0): σ = 1 in the [-1, 1] action
     space, CleanRL's PPO init. The midpoint of [log_std_min, log_std_max] (σ ≈ 0.22) explored too
     little: PPO on Pendulum settled below the random policy's return."""
+    exact_log_std_init: bool = True
+    """Start the Gaussian policy at exactly ``log_std_init`` for every env, state and action
+    dimension: the last layer producing the raw log-std starts at zero (CleanRL's and SB3's
+    state-independent log-std start at 0 too). False: that layer's ordinary init, under which
+    the start was random — at d_model 32 the agnostic network began at σ ≈ 4 for every env with
+    one seed and σ ≈ 0.02 with another (its decoder is shared, so one offset for all envs), and
+    the baselines with per-state spreads of ±1 in log σ. Only the initialization differs."""
     identity_dim: int = 16
     """Length of the fixed hashed identity code of an environment in the task context."""
     decoder_pool: DecoderPool = "scaled_sum"
@@ -119,7 +126,7 @@ class NetworkConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("transformer", "mid_mlp", "shared_encoder"):
+        for name in ("transformer", "mid_mlp", "shared_encoder", "exact_log_std_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_state % 2:
@@ -175,7 +182,7 @@ FUNCTION_FIELDS = ("encoder_position", "decoder_position", "decoder_pool", "disc
                    "log_std_min", "log_std_max", "log_std_init")
 
 # The value that reproduces networks saved before the field was added.
-_BEFORE_FIELD_EXISTED: dict[str, Any] = {"encoder_position": "none"}
+_BEFORE_FIELD_EXISTED: dict[str, Any] = {"encoder_position": "none", "exact_log_std_init": False}
 
 
 def _check_int(cfg: NetworkConfig, name: str, minimum: int) -> None:
