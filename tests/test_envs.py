@@ -135,6 +135,7 @@ def test_episodes_autoreset_on_next_step():
 
 
 def test_network_config_files_load():
+    import dataclasses
     from pathlib import Path
 
     import yaml
@@ -142,9 +143,13 @@ def test_network_config_files_load():
     from rl_agnostic.nn.config import NetworkConfig
 
     root = Path(__file__).resolve().parent.parent / "tune_configs"
-    cpu = NetworkConfig.from_dict(yaml.safe_load((root / "network_cpu.yaml").read_text()))
-    paper = NetworkConfig.from_dict(yaml.safe_load((root / "network_paper.yaml").read_text()))
-    assert cpu == NetworkConfig.cpu() and paper == NetworkConfig.paper()
+    files = {name: yaml.safe_load((root / f"network_{name}.yaml").read_text())
+             for name in ("cpu", "paper")}
+    assert NetworkConfig.from_dict(files["cpu"]) == NetworkConfig.cpu()
+    assert NetworkConfig.from_dict(files["paper"]) == NetworkConfig.paper()
+    # the files say they list every field, so a new field must be written there too
+    fields = {f.name for f in dataclasses.fields(NetworkConfig)}
+    assert all(set(values) == fields for values in files.values())
 
 
 def test_demo_acts_in_two_backends(capsys):

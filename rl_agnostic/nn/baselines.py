@@ -53,7 +53,7 @@ def _bound_gaussian(raw: Tensor, cfg: NetworkConfig) -> Tensor:
                                                  cfg.log_std_init)], -1)
 
 
-def _start_log_std_at_init(cfg: NetworkConfig, out: nn.Module, first: int, n: int) -> None:
+def _start_log_std_at_init(cfg: NetworkConfig, out: nn.Linear, first: int, n: int) -> None:
     """Zero the rows [first, first + n) of the Linear ``out`` that produce raw log-stds, so the
     policy starts at exactly ``log_std_init`` (``NetworkConfig.exact_log_std_init``)."""
     if cfg.exact_log_std_init:
