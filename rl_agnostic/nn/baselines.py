@@ -66,6 +66,14 @@ def _mlp(cfg: NetworkConfig, in_dim: int | None = None, out_dim: int | None = No
     return ResidualMLP(cfg.d_model, cfg.mlp_hidden, cfg.mlp_depth, in_dim=in_dim, out_dim=out_dim)
 
 
+def _policy_mlp(cfg: NetworkConfig, spec: EnvSpec, in_dim: int | None = None) -> ResidualMLP:
+    """A residual MLP whose output is the env's raw policy output (`policy_out_dim`)."""
+    net = _mlp(cfg, in_dim, policy_out_dim(spec))
+    if not spec.is_discrete:
+        _start_log_std_at_init(cfg, net.out, spec.action_dim, spec.action_dim)
+    return net
+
+
 class _BaselineActorCritic(ActorCritic):
     """Shared checks: an env must be registered (with these spaces) before it is used."""
 
@@ -90,9 +98,7 @@ class SingleEnvActorCritic(_BaselineActorCritic):
 
     def __init__(self, cfg: NetworkConfig, spec: EnvSpec) -> None:
         super().__init__(cfg)
-        self.policy_net = _mlp(cfg, spec.obs_dim, policy_out_dim(spec))
-        if not spec.is_discrete:
-            _start_log_std_at_init(cfg, self.policy_net.out, spec.action_dim, spec.action_dim)
+        self.policy_net = _policy_mlp(cfg, spec, spec.obs_dim)
         self.critic_net = _mlp(cfg, spec.obs_dim, 1)
         super().add_env(spec)
 
@@ -148,13 +154,10 @@ class SpecificActorCritic(_BaselineActorCritic):
         like = next(self.actor_middle.parameters())
         new = {
             "actor_encoders": _mlp(self.cfg, in_dim=spec.obs_dim),
-            "actor_decoders": _mlp(self.cfg, out_dim=policy_out_dim(spec)),
+            "actor_decoders": _policy_mlp(self.cfg, spec),
             "critic_encoders": _mlp(self.cfg, in_dim=spec.obs_dim),
             "critic_decoders": _mlp(self.cfg, out_dim=1),
         }
-        if not spec.is_discrete:
-            _start_log_std_at_init(self.cfg, new["actor_decoders"].out, spec.action_dim,
-                                   spec.action_dim)
         for attr, module in new.items():
             getattr(self, attr)[key] = module.to(device=like.device, dtype=like.dtype)
 
