@@ -182,6 +182,10 @@ def test_tiny_mix_to_mix_writes_tables_plots_and_parameter_counts(tiny_results):
              for path in (out / "runs").glob("*/seed0/*/done.json")]
     assert len(walls) > 2 and result["wall_s_per_seed"][0] == pytest.approx(sum(walls))
     assert f"seed 0 {sum(walls) / 60:.1f} min" in md
+    # the reproduce command names the report's seeds and budget, not just the scale
+    tiny = load_experiment("mix_to_mix", "tiny")
+    assert (f"`rl-agnostic experiment mix_to_mix --scale tiny --seeds 0 "
+            f"--env-steps {tiny.env_steps_per_env}`") in md
 
 
 def test_restarting_skips_finished_runs_and_shared_runs_are_reused(tiny_results):

@@ -300,8 +300,11 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
                    + ", ".join(f"seed {s} {w / 60:.1f} min"
                                for s, w in sorted(result["wall_s_per_seed"].items()))
                    + " (runs one after another on this machine)."), ""]
+    # The seeds and budget are spelled out: a report may cover fewer seeds than the scale's.
+    seeds = " ".join(str(s) for s in exp.seeds)
     lines += [(f"Config: [`config.yaml`](config.yaml). Reproduce: "
-               f"`rl-agnostic experiment {exp.name} --scale {exp.scale}`.")]
+               f"`rl-agnostic experiment {exp.name} --scale {exp.scale} --seeds {seeds} "
+               f"--env-steps {exp.env_steps_per_env}`.")]
     path.write_text("\n".join(lines) + "\n")
 
 
