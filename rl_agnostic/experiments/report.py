@@ -123,7 +123,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         for r in by_phase[phase.name]:
             done = run_done(r)
             if done is None:
-                result["missing_runs"].append(r.key)
+                result["missing_runs"].append(f"{r.key} (seed {r.seed})")
                 continue
             wall[r.label] += done["wall_s"]
             seed_wall[r.seed] += done["wall_s"]
@@ -244,7 +244,8 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
               "over seeds; – where undefined (the single-env agent not clearly above random)."),
              ""]
     if result["missing_runs"]:
-        lines += [f"**Incomplete:** {len(result['missing_runs'])} runs have not finished: "
+        n = len(result["missing_runs"])
+        lines += [f"**Incomplete:** {n} run{'s' if n != 1 else ''} not finished: "
                   + ", ".join(result["missing_runs"][:8])
                   + (" …" if len(result["missing_runs"]) > 8 else ""), ""]
     for name, ph in result["phases"].items():

@@ -115,7 +115,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
             done = execute_run(run, lambda text, p=prefix: say(f"{p} {text}"))
             elapsed = time.perf_counter() - t_start
             say(f"{prefix} done in {done['wall_s'] / 60:.1f} min "
-                f"({elapsed / 60:.1f} min since start, {len(todo) - i} runs left)")
+                f"({elapsed / 60:.1f} min since start, {len(todo) - i} left)")
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
