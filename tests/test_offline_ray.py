@@ -125,8 +125,8 @@ def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpo
 
     import psutil
 
-    cfg = _config(datasets, tmp_path, steps=600)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=100,
+    cfg = _config(datasets, tmp_path, steps=300)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=60,
                                                            log_every=20))
     run_dir = tmp_path / "ddiql"
     killed: list[int] = []
@@ -134,14 +134,15 @@ def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpo
 
     def kill_a_worker_once_the_first_checkpoint_is_registered() -> None:
         # Ray Train registers a reported checkpoint when it next polls the workers (every 2 s):
-        # kill once steps well past the first checkpoint (100) are logged.
+        # kill once a step past the first checkpoint (60) is logged and a poll has passed.
         deadline = time.monotonic() + 300
         log = run_dir / "metrics.jsonl"
         while time.monotonic() < deadline:
             lines = log.read_text().splitlines() if log.is_file() else []
-            if lines and json.loads(lines[-1])["step"] >= 180:
+            if lines and json.loads(lines[-1])["step"] >= 80:
                 break
             time.sleep(0.1)
+        time.sleep(3.0)
         # Ray titles worker processes by their actor class (the state API needs the dashboard).
         workers = [p for p in psutil.process_iter(["cmdline"])
                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
@@ -155,10 +156,10 @@ def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpo
     final = train_offline(cfg)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    assert final["step"] == 600
+    assert final["step"] == 300
     assert final["sync/max_weight_diff"] == 0.0
     # The run went on from a checkpoint, not from step 0 (the lines up to it, with their timings,
     # are the ones written before the kill), and the steps it redid are logged once.
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert after[:5] == before_kill[:5]
-    assert [json.loads(line)["step"] for line in after] == list(range(20, 601, 20))
+    assert after[:3] == before_kill[:3]
+    assert [json.loads(line)["step"] for line in after] == list(range(20, 301, 20))
