@@ -247,7 +247,7 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
         n = len(result["missing_runs"])
         lines += [f"**Incomplete:** {n} run{'s' if n != 1 else ''} not finished: "
                   + ", ".join(result["missing_runs"][:8])
-                  + (" …" if len(result["missing_runs"]) > 8 else ""), ""]
+                  + (" …" if n > 8 else ""), ""]
     for name, ph in result["phases"].items():
         labels = ph["labels"]
         title = f"## Phase `{name}`" + (f" (from `{ph['init_from']}`)" if ph["init_from"] else "")
