@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +44,13 @@ class ActorCritic(nn.Module):
     def actor_critic(self, obs: Tensor, spec: EnvSpec) -> tuple[Tensor, Tensor]:
         """(dist inputs, values) — what a PPO loss needs, in one call."""
         return self.actor(obs, spec), self.value(obs, spec)
+
+    def actor_critic_many(self, items: Sequence[tuple[Tensor, EnvSpec]]
+                          ) -> list[tuple[Tensor, Tensor]]:
+        """`actor_critic` of several env types' batches, ``[(obs, spec), …]`` → ``[(dist
+        inputs, values), …]`` in the same order. Networks that can run them together override
+        this (the agnostic one packs them into few passes); here one call each."""
+        return [self.actor_critic(obs, spec) for obs, spec in items]
 
     @staticmethod
     def log_prob(spec: EnvSpec, dist_inputs: Tensor, actions: Tensor) -> Tensor:

@@ -57,9 +57,25 @@ class SequenceBlock(nn.Module):
         layers = [TransformerLayer(cfg.d_model, cfg.n_heads, cfg.dim_feedforward, cfg.dropout)
                   for _ in range(cfg.transformer_layers if cfg.transformer else 0)]
         self.layers = nn.Sequential(*emb, *layers)
+        self.causal_embedding = cfg.embedding == "s4"
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``valid`` (B, L) bool marks the real positions of sequences padded at the end. The
+        real positions' outputs are those of the unpadded sequences: the S4 convolution is
+        causal (a position sees only earlier ones) and attention ignores padded keys."""
+        if valid is None:
+            return self.layers(x)
+        if not self.causal_embedding:
+            raise ValueError("padded sequences need the causal S4 embedding (a bidirectional "
+                             "GRU reads the padding)")
+        for layer in self.layers:
+            x = layer(x, valid) if isinstance(layer, TransformerLayer) else layer(x)
+        return x
+
+
+def padding_mask(lengths: Tensor, length: int) -> Tensor:
+    """(B, length) bool: position p of row b is real, p < lengths[b]."""
+    return torch.arange(length, device=lengths.device) < lengths.unsqueeze(-1)
 
 
 def position_codes(length: int, d_model: int, device: torch.device) -> Tensor:
@@ -99,13 +115,19 @@ class Encoder(nn.Module):
         self.codes = (PerLength(position_codes, cfg.d_model)
                       if cfg.encoder_position == "modulated" else None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``lengths`` (B,): row b is a sequence of lengths[b] values padded at the end to I;
+        its output is that of the unpadded sequence. None: every row is I long."""
         if x.dim() != 2 or x.shape[1] < 1:
             raise ValueError(f"encoder input must be (batch, length>=1), got {tuple(x.shape)}")
         h = x.unsqueeze(-1) * self.lift.weight.view(-1) + self.lift.bias
         if self.codes is not None:
             h = h * self.codes(x.shape[1], x.device)
-        return self.block(h).mean(dim=1)
+        if lengths is None:
+            return self.block(h).mean(dim=1)
+        valid = padding_mask(lengths, x.shape[1])
+        h = self.block(h, valid) * valid.unsqueeze(-1)
+        return h.sum(dim=1) / lengths.unsqueeze(-1).to(h.dtype)
 
 
 def sinusoidal_encoding(length: int, d_model: int, device: torch.device) -> Tensor:
@@ -148,13 +170,16 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.final_norm.bias)
         return self
 
-    def forward(self, h: Tensor, out_len: int) -> Tensor:
+    def forward(self, h: Tensor, out_len: int, lengths: Tensor | None = None) -> Tensor:
+        """``lengths`` (B,): row b needs only its first lengths[b] ≤ out_len outputs, which are
+        those of ``forward(h[b], lengths[b])``; the rest of the row is padding."""
         if out_len < 1:
             raise ValueError(f"decoder output length must be >= 1, got {out_len}")
         pe = self.positional(out_len, h.device)
         h = h.unsqueeze(1)
         z = h * self.codes(out_len, h.device) + pe if self.modulated else h + pe
-        return self.block(z).sum(dim=-1) * self.pool_scale
+        valid = None if lengths is None else padding_mask(lengths, out_len)
+        return self.block(z, valid).sum(dim=-1) * self.pool_scale
 
 
 class ResidualBlock(nn.Module):

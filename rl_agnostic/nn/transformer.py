@@ -42,32 +42,39 @@ class TransformerLayer(nn.Module):
         nn.init.zeros_(self.in_proj.bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, L, H) → (B, L, H)."""
-        if not self.training and not torch.is_grad_enabled() and _FUSED_INFERENCE:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """x (B, L, H) → (B, L, H). ``valid`` (B, L) bool: the positions that take part as keys
+        (sequences of different lengths padded at the end); None = all."""
+        if (valid is None and not self.training and not torch.is_grad_enabled()
+                and _FUSED_INFERENCE):
             return self._fused_inference(x)
         b, length, h = x.shape
         p = self.dropout if self.training else 0.0
         qkv = self.in_proj(x)
         if p > 0.0 and x.device.type == "cpu":
             # Fused CPU kernels have no dropout, and torch's fallback draws its mask ~4x slower.
-            a = self._attention_with_dropout(qkv, p)
+            a = self._attention_with_dropout(qkv, p, valid)
         else:
             q, k, v = qkv.view(b, length, 3, self.n_heads, h // self.n_heads).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            mask = None if valid is None else valid[:, None, None, :]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(b, length, h)
         x = self.norm1(x + dropout(self.out_proj(a), p, self.training))
         f = self.linear2(dropout(F.gelu(self.linear1(x)), p, self.training))
         return self.norm2(x + dropout(f, p, self.training))
 
-    def _attention_with_dropout(self, qkv: Tensor, p: float) -> Tensor:
+    def _attention_with_dropout(self, qkv: Tensor, p: float, valid: Tensor | None) -> Tensor:
         b, length, h3 = qkv.shape
         h, nh = h3 // 3, self.n_heads
         if nh == 1:  # strided (B, L, H) views: the products need no copies
             q, k, v = qkv.split(h, dim=-1)
         else:
             q, k, v = qkv.view(b, length, 3, nh, h // nh).permute(2, 0, 3, 1, 4)
-        w = torch.softmax((q * (h // nh) ** -0.5) @ k.transpose(-1, -2), dim=-1)
+        scores = (q * (h // nh) ** -0.5) @ k.transpose(-1, -2)
+        if valid is not None:
+            keys = valid[:, None, :] if nh == 1 else valid[:, None, None, :]
+            scores = scores.masked_fill(~keys, float("-inf"))
+        w = torch.softmax(scores, dim=-1)
         a = dropout(w, p, True) @ v
         return a if nh == 1 else a.transpose(1, 2).reshape(b, length, h)
 

@@ -48,13 +48,19 @@ class EnvTypeModule(TorchRLModule, ValueFunctionAPI):
         self.network = network
         self._owns_weights = owner
 
+    def flat_obs(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1)
+
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1)
-        return {Columns.ACTION_DIST_INPUTS: self.network.actor(obs, self.env_spec)}
+        return {Columns.ACTION_DIST_INPUTS: self.network.actor(self.flat_obs(batch),
+                                                               self.env_spec)}
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
-        obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1)
-        return self.network.value(obs, self.env_spec)
+        """V(s). ``embeddings``: the values `SharedNetworkMultiRLModule._forward_train` already
+        computed for this batch (RLlib's PPO loss passes ``fwd_out[EMBEDDINGS]`` on)."""
+        if embeddings is not None:
+            return embeddings
+        return self.network.value(self.flat_obs(batch), self.env_spec)
 
     def get_inference_action_dist_cls(self):
         return self._dist_cls
@@ -98,6 +104,18 @@ class SharedNetworkMultiRLModule(MultiRLModule):
         owner = weights_owner(ids)
         for mid in ids:
             self._rl_modules[mid].attach(self.network, owner=mid == owner)
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        """All env types' training batches through the network at once
+        (`ActorCritic.actor_critic_many`: the agnostic network packs them into few passes),
+        values included: each module's ``EMBEDDINGS`` are its values, which the PPO loss hands
+        back to `EnvTypeModule.compute_values`."""
+        mids = [mid for mid in batch if mid in self]
+        items = [(self._rl_modules[mid].flat_obs(batch[mid]), self._rl_modules[mid].env_spec)
+                 for mid in mids]
+        outs = self.network.actor_critic_many(items)
+        return {mid: {Columns.ACTION_DIST_INPUTS: dist, Columns.EMBEDDINGS: values}
+                for mid, (dist, values) in zip(mids, outs)}
 
     @property
     def weights_owner(self) -> str:

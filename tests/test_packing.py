@@ -1,0 +1,143 @@
+"""Several env types' batches through the agnostic network in few padded passes
+(`ActorCritic.actor_critic_many`, what the PPO learner's forward runs) compute what one pass per
+env type computes, and the RLlib module hands the packed values to the PPO loss."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from _reference import randomize_norms
+from rl_agnostic.nn import AgnosticActorCritic, EnvSpec, NetworkConfig, build_actor_critic
+from rl_agnostic.nn.agnostic import length_buckets
+from rl_agnostic.nn.transformer import TransformerLayer
+
+
+def continuous(env_id: str, obs_dim: int, d: int) -> EnvSpec:
+    return EnvSpec(env_id, obs_dim, "continuous", d, (-1.0,) * d, (1.0,) * d)
+
+
+# mix_to_mix's pretraining shapes, a second discrete env and one long observation (own bucket,
+# past the CPU Toeplitz threshold: FFT convolution)
+SPECS = [
+    EnvSpec("CartPole-v1", 4, "discrete", 2), continuous("MountainCarContinuous-v0", 2, 1),
+    continuous("InvertedPendulum-v5", 4, 1), continuous("Hopper-v5", 11, 3),
+    continuous("HalfCheetah-v5", 17, 6), EnvSpec("LunarLander-v3", 8, "discrete", 4),
+    continuous("BipedalWalker-v3", 24, 4), continuous("Long-v0", 600, 5),
+]
+VARIANTS = {
+    "default": {},
+    "shared-encoder": {"shared_encoder": True},
+    "two-heads": {"n_heads": 2},
+    "paper-positions": {"encoder_position": "none", "decoder_position": "additive",
+                        "decoder_pool": "mean"},
+    "bigru": {"embedding": "bigru"},  # not packed: one pass per env type
+}
+
+
+def _items(rows=(5, 7, 3, 6, 4, 8, 2, 3)):
+    return [(torch.randn(n, spec.obs_dim), spec) for n, spec in zip(rows, SPECS)]
+
+
+def _gradients(net: torch.nn.Module, outputs) -> list[torch.Tensor]:
+    net.zero_grad()
+    # weights per output element, so every element's gradient counts differently
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((d * torch.randn(d.shape, generator=gen)).sum()
+               + (v * torch.randn(v.shape, generator=gen)).sum() for d, v in outputs)
+    loss.backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_passes_compute_what_one_pass_per_env_type_computes(variant):
+    torch.manual_seed(0)
+    cfg = NetworkConfig(d_model=16, dropout=0.0, **VARIANTS[variant])
+    net = randomize_norms(AgnosticActorCritic(cfg, SPECS)).train()
+    items = _items()
+    packed = net.actor_critic_many(items)
+    single = [net.actor_critic(obs, spec) for obs, spec in items]
+    for (obs, spec), (dist, value), (dist1, value1) in zip(items, packed, single):
+        assert dist.shape == dist1.shape and value.shape == value1.shape == (obs.shape[0],)
+        torch.testing.assert_close(dist, dist1, atol=1e-5, rtol=1e-5, msg=spec.env_id)
+        torch.testing.assert_close(value, value1, atol=1e-5, rtol=1e-5, msg=spec.env_id)
+    for name, g, g1 in zip([n for n, _ in net.named_parameters()], _gradients(net, packed),
+                           _gradients(net, single)):
+        torch.testing.assert_close(g, g1, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_baselines_answer_many_batches_one_by_one():
+    torch.manual_seed(0)
+    net = build_actor_critic("specific", NetworkConfig(d_model=16, dropout=0.0), SPECS[:3])
+    items = _items()[:3]
+    for (obs, spec), (dist, value) in zip(items, net.actor_critic_many(items)):
+        dist1, value1 = net.actor_critic(obs, spec)
+        assert torch.equal(dist, dist1) and torch.equal(value, value1)
+
+
+def test_length_buckets_bound_the_padding():
+    lengths, rows = [4, 2, 4, 11, 17, 10, 24, 8], [128] * 8
+    buckets = length_buckets(lengths, rows)
+    assert sorted(i for b in buckets for i in b) == list(range(8))
+    assert buckets == [[1, 0, 2, 7, 5, 3], [4, 6]]
+    for bucket in buckets:
+        padded = max(lengths[i] for i in bucket) * sum(rows[i] for i in bucket)
+        assert padded <= 2.0 * sum(lengths[i] * rows[i] for i in bucket)
+    # a long observation is never padded onto short ones, nor short ones onto it
+    assert length_buckets([4, 376, 11], [64, 64, 64]) == [[0, 2], [1]]
+    assert length_buckets([5, 5, 5], [1, 2, 3], max_padding=1.0) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_padded_keys_do_not_reach_real_positions(training):
+    """Whatever the padding holds, the real positions' outputs stay the same: in eval (fused
+    attention with a key mask) and in training with dropout (the CPU dropout path)."""
+    layer = TransformerLayer(16, 2, 24, dropout=0.2).train(training)
+    x = torch.randn(3, 6, 16)
+    valid = torch.tensor([[True] * 6, [True] * 2 + [False] * 4, [True] * 4 + [False] * 2])
+    noisy = x.clone()
+    noisy[~valid] = 1e3 * torch.randn(int((~valid).sum()), 16)
+    torch.manual_seed(0)
+    y = layer(x, valid)
+    torch.manual_seed(0)
+    y_noisy = layer(noisy, valid)
+    torch.testing.assert_close(y[valid], y_noisy[valid])
+    # and without dropout, equal to the unpadded rows
+    if not training:
+        torch.testing.assert_close(y[1, :2], layer(x[1:2, :2])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rllib_module_trains_on_packed_outputs_and_hands_values_to_the_loss():
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+
+    from rl_agnostic.online.module import SharedNetworkMultiRLModule, env_module_spec
+
+    spaces = {
+        "CartPole-v1": (gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)),
+        "Hopper-v5": (gym.spaces.Box(-1, 1, (11,), np.float32),
+                      gym.spaces.Box(-1, 1, (3,), np.float32)),
+        "Pendulum-v1": (gym.spaces.Box(-1, 1, (3,), np.float32),
+                        gym.spaces.Box(-2, 2, (1,), np.float32)),
+    }
+    torch.manual_seed(0)
+    multi = MultiRLModuleSpec(
+        multi_rl_module_class=SharedNetworkMultiRLModule,
+        model_config={"kind": "agnostic",
+                      "network": NetworkConfig(d_model=16, dropout=0.0).to_dict()},
+        rl_module_specs={i: env_module_spec(i, *s) for i, s in spaces.items()},
+    ).build()
+    batch = {i: {Columns.OBS: torch.randn(5, s[0].shape[0])} for i, s in spaces.items()}
+    out = multi.forward_train(batch)
+    assert set(out) == set(spaces)
+    for mid, module in multi._rl_modules.items():
+        alone = module.forward_train(batch[mid])[Columns.ACTION_DIST_INPUTS]
+        torch.testing.assert_close(out[mid][Columns.ACTION_DIST_INPUTS], alone,
+                                   atol=1e-5, rtol=1e-5)
+        values = module.compute_values(batch[mid])
+        torch.testing.assert_close(out[mid][Columns.EMBEDDINGS], values, atol=1e-5, rtol=1e-5)
+        # the PPO loss passes fwd_out[EMBEDDINGS] back: the packed values, not a recomputation
+        assert module.compute_values(batch[mid], embeddings=out[mid][Columns.EMBEDDINGS]) is \
+            out[mid][Columns.EMBEDDINGS]
