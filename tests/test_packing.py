@@ -4,6 +4,8 @@ env type computes, and the RLlib module hands the packed values to the PPO loss.
 
 from __future__ import annotations
 
+import itertools
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -77,17 +79,32 @@ def test_baselines_answer_many_batches_one_by_one():
         assert torch.equal(dist, dist1) and torch.equal(value, value1)
 
 
-def test_length_buckets_bound_the_padding():
+def _cost(buckets, lengths, rows, overhead):
+    return sum(overhead + sum(rows[i] for i in b) * max(lengths[i] for i in b) for b in buckets)
+
+
+def test_length_buckets_minimize_passes_plus_padding():
+    # mix_to_mix's pretraining lengths at the cpu scale's 128 rows per env type
     lengths, rows = [4, 2, 4, 11, 17, 10, 24, 8], [128] * 8
-    buckets = length_buckets(lengths, rows)
-    assert sorted(i for b in buckets for i in b) == list(range(8))
-    assert buckets == [[1, 0, 2, 7, 5, 3], [4, 6]]
-    for bucket in buckets:
-        padded = max(lengths[i] for i in bucket) * sum(rows[i] for i in bucket)
-        assert padded <= 2.0 * sum(lengths[i] * rows[i] for i in bucket)
+    assert length_buckets(lengths, rows) == [[1, 0, 2], [7, 5, 3], [4, 6]]
+    # small batches: overhead dominates, one pass; big ones: padding dominates, more passes
+    assert length_buckets(lengths, [8] * 8) == [sorted(range(8), key=lambda i: lengths[i])]
+    assert len(length_buckets(lengths, [4096] * 8)) == len(set(lengths))
     # a long observation is never padded onto short ones, nor short ones onto it
     assert length_buckets([4, 376, 11], [64, 64, 64]) == [[0, 2], [1]]
-    assert length_buckets([5, 5, 5], [1, 2, 3], max_padding=1.0) == [[0, 1, 2]]
+    assert length_buckets([], []) == []
+    # optimal among all splits of the length order (brute force over the cut points)
+    gen = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(gen.integers(1, 7))
+        lengths = [int(v) for v in gen.integers(1, 40, n)]
+        rows = [int(v) for v in gen.integers(1, 300, n)]
+        buckets = length_buckets(lengths, rows, pass_overhead=500)
+        order = sorted(range(n), key=lambda k: lengths[k])
+        assert [i for b in buckets for i in b] == order
+        best = min(_cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, n))], lengths, rows, 500)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        assert _cost(buckets, lengths, rows, 500) == best
 
 
 @pytest.mark.parametrize("training", [False, True])
