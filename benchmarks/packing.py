@@ -1,4 +1,4 @@
-"""The PPO learner's multi-env update: one pass per env type against packed passes, side by side.
+"""Multi-env updates, one pass per env type against packed passes, side by side.
 
 The learner's forward runs every env type's minibatch through the one agnostic network
 (`ActorCritic.actor_critic_many`). Run one by one, each env type pays the network's per-op
@@ -13,9 +13,11 @@ machine is noisy) and reporting medians, for the env sets and networks the exper
 - the mix_to_mix cpu network (d_model 32, 1 S4 + 1 Transformer layer per block, no dropout)
   and the ``cpu`` preset (d_model 64, the paper's 2 + 2 layers, dropout 0.1).
 
+The same for a DD-IQL worker's gradient step over its datasets (`IQLNetworks.iql_losses_many`).
+
 Writes ``results/packing.md`` and ``results/packing.json``.
 
-    python benchmarks/packing.py               # ~4 min on 2 cores
+    python benchmarks/packing.py               # ~6 min on 2 cores
     python benchmarks/packing.py --rounds 2    # shorter
 """
 
@@ -99,6 +101,56 @@ def measure(cfg: NetworkConfig, specs: list[EnvSpec], rows: int, rounds: int,
                                                [net.actor_critic(o, s) for o, s in items])
                    for a, b in ((a, b), (va, vb)))
         net.train()
+    buckets = length_buckets([s.obs_dim for s in specs], [rows] * len(specs))
+    return _timed(update, rows * len(specs), rounds, steps) | {
+        "env_types": len(specs), "rows_per_env": rows,
+        "buckets": [[specs[i].env_id for i in b] for b in buckets],
+        "max_abs_output_diff": diff, "rounds": rounds, "updates_per_round": steps,
+    }
+
+
+# tune_configs/offline_cpu.yaml: 6 datasets over 2 workers, 3 whole datasets each
+IQL_WORKERS = {
+    "DD-IQL worker 0": [_c("InvertedPendulum-v5", 4, 1), _c("Hopper-v5", 11, 3),
+                        _c("Hopper-v5 (medium-expert)", 11, 3)],
+    "DD-IQL worker 1": [_c("Reacher-v5", 10, 2), _d("LunarLander-v3", 8, 4),
+                        _d("Acrobot-v1", 6, 3)],
+}
+IQL_NETWORK = ("offline_cpu (d64, 1+1 layers, no dropout)",
+               dataclasses.replace(NetworkConfig.cpu(), s4_layers=1, transformer_layers=1,
+                                   dropout=0.0))
+
+
+def measure_iql(cfg: NetworkConfig, specs: list[EnvSpec], rows: int, rounds: int,
+                steps: int) -> dict:
+    """One DD-IQL gradient step over a worker's datasets: `IQLNetworks.iql_losses` once per
+    dataset against `iql_losses_many`, backward, Adam, Polyak update."""
+    from rl_agnostic.offline.iql import IQLNetworks
+
+    torch.manual_seed(0)
+    nets = IQLNetworks("agnostic", cfg, specs)
+    opt = torch.optim.Adam(nets.optimizer_groups(3e-4, 3e-4, 1e-3))
+    items = [(s, {"observations": torch.randn(rows, s.obs_dim),
+                  "actions": (torch.randint(0, s.action_dim, (rows,)) if s.is_discrete
+                              else torch.rand(rows, s.action_dim) * 2 - 1),
+                  "rewards": torch.randn(rows), "next_observations": torch.randn(rows, s.obs_dim),
+                  "terminals": torch.zeros(rows)}) for s in specs]
+    kw = {"expectile": 0.7, "beta": 3.0, "gamma": 0.99}
+
+    def update(packed: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        losses = (nets.iql_losses_many(items, **kw) if packed
+                  else [nets.iql_losses(s, b, **kw) for s, b in items])
+        sum(part["total"] for part in losses).backward()
+        opt.step()
+        nets.update_target(0.005)
+
+    return _timed(update, rows * len(specs), rounds, steps) | {
+        "env_types": len(specs), "rows_per_env": rows, "rounds": rounds,
+        "updates_per_round": steps}
+
+
+def _timed(update, samples: int, rounds: int, steps: int) -> dict:
     for packed in (False, True):
         update(packed)
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -109,31 +161,29 @@ def measure(cfg: NetworkConfig, specs: list[EnvSpec], rows: int, rounds: int,
                 update(packed)
             times[packed].append((time.perf_counter() - t0) / steps)
     one, pk = statistics.median(times[False]), statistics.median(times[True])
-    lengths = [s.obs_dim for s in specs]
-    buckets = length_buckets(lengths, [rows] * len(specs))
-    return {
-        "env_types": len(specs), "rows_per_env": rows,
-        "buckets": [[specs[i].env_id for i in b] for b in buckets],
-        "ms_per_update_one_pass_per_env": 1e3 * one, "ms_per_update_packed": 1e3 * pk,
-        "samples_per_s_one_pass_per_env": rows * len(specs) / one,
-        "samples_per_s_packed": rows * len(specs) / pk, "speedup": one / pk,
-        "max_abs_output_diff": diff, "rounds": rounds, "updates_per_round": steps,
-    }
+    return {"ms_per_update_one_pass_per_env": 1e3 * one, "ms_per_update_packed": 1e3 * pk,
+            "samples_per_s_one_pass_per_env": samples / one, "samples_per_s_packed": samples / pk,
+            "speedup": one / pk}
 
 
-def write(rows: list[dict], meta: dict) -> None:
+def write(rows: list[dict], iql_rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "packing.json").write_text(json.dumps({"rows": rows, **meta}, indent=2))
+    (RESULTS / "packing.json").write_text(json.dumps(
+        {"ppo": rows, "ddiql": iql_rows, **meta}, indent=2))
     lines = [
-        "# PPO learner update: one pass per env type vs packed passes",
+        "# Multi-env updates: one pass per env type vs packed passes",
         "",
-        f"Machine: {os.cpu_count()} cores, torch threads {meta['threads']}, load average before "
-        f"the run {meta['load_average'][0]:.2f}. One PPO update over every env type's minibatch "
-        f"({rows[0]['rows_per_env']} rows each): forward, clipped loss, backward, grad clip, "
-        f"Adam. Median of {rows[0]['rounds']} alternating rounds of "
-        f"{rows[0]['updates_per_round']} updates each way, in one process.",
+        f"Machine: {os.cpu_count()} cores, load average before the run "
+        f"{meta['load_average'][0]:.2f}. Each figure is the median of {rows[0]['rounds']} "
+        f"alternating rounds of {rows[0]['updates_per_round']} updates each way, in one process "
+        "(the machine's speed drifts by ±20 %).",
         "",
-        "| network | env set | ms/update, one pass per env | ms/update, packed | speed-up "
+        f"## PPO learner update (torch threads {meta['ppo_threads']}, the learner's default)",
+        "",
+        f"Every env type's minibatch ({rows[0]['rows_per_env']} rows each): forward, clipped "
+        "loss, backward, grad clip, Adam.",
+        "",
+        "| network | env set | ms/update, one pass per env type | ms/update, packed | speed-up "
         "| buckets | max output diff |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -146,6 +196,18 @@ def write(rows: list[dict], meta: dict) -> None:
     for r in rows[: len(ENV_SETS)]:
         lines.append(f"- {r['env_set']}: " + " · ".join(
             "[" + ", ".join(b) + "]" for b in r["buckets"]))
+    lines += [
+        "", f"## DD-IQL gradient step on one worker (torch threads {meta['iql_threads']}, the "
+        "worker's default)", "",
+        f"{iql_rows[0]['network']}, batch {iql_rows[0]['rows_per_env']} per dataset: target Q, "
+        "V(s'), V, twin Q and π of every held dataset, backward, Adam, Polyak update "
+        "(tune_configs/offline_cpu.yaml's split of 6 datasets over 2 workers).", "",
+        "| worker's datasets | ms/step, one dataset at a time | ms/step, packed | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for r in iql_rows:
+        lines.append(f"| {r['worker']} | {r['ms_per_update_one_pass_per_env']:.1f} "
+                     f"| {r['ms_per_update_packed']:.1f} | **{r['speedup']:.2f}×** |")
     lines += ["", "Reproduce: `python benchmarks/packing.py`."]
     (RESULTS / "packing.md").write_text("\n".join(lines) + "\n")
 
@@ -154,14 +216,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=5, help="updates per round and way")
-    parser.add_argument("--rows", type=int, default=128, help="rows per env type")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the learner's)")
+    parser.add_argument("--steps", type=int, default=4, help="updates per round and way")
+    parser.add_argument("--rows", type=int, default=128, help="PPO rows per env type")
+    parser.add_argument("--iql-rows", type=int, default=256, help="DD-IQL batch per dataset")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    meta = {"threads": torch.get_num_threads(), "load_average": os.getloadavg()}
-    rows = []
+    meta = {"ppo_threads": 2, "iql_threads": 1, "load_average": os.getloadavg()}
+    rows, iql_rows = [], []
     print(f"{'network':<46} {'env set':<20} {'one/env ms':>10} {'packed ms':>10} {'speed-up':>8}")
+    torch.set_num_threads(meta["ppo_threads"])
     for net_name, cfg in NETWORKS.items():
         for set_name, specs in ENV_SETS.items():
             r = {"network": net_name, "env_set": set_name,
@@ -169,7 +231,15 @@ def main() -> None:
             rows.append(r)
             print(f"{net_name:<46} {set_name:<20} {r['ms_per_update_one_pass_per_env']:>10.1f} "
                   f"{r['ms_per_update_packed']:>10.1f} {r['speedup']:>7.2f}x", flush=True)
-    write(rows, meta)
+    torch.set_num_threads(meta["iql_threads"])
+    net_name, cfg = IQL_NETWORK
+    for worker, specs in IQL_WORKERS.items():
+        r = {"network": net_name, "worker": worker + ": " + ", ".join(s.env_id for s in specs),
+             **measure_iql(cfg, specs, args.iql_rows, args.rounds, args.steps)}
+        iql_rows.append(r)
+        print(f"{net_name:<46} {worker:<20} {r['ms_per_update_one_pass_per_env']:>10.1f} "
+              f"{r['ms_per_update_packed']:>10.1f} {r['speedup']:>7.2f}x", flush=True)
+    write(rows, iql_rows, meta)
     print(f"wrote {RESULTS / 'packing.md'} and packing.json")
 
 

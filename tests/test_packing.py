@@ -158,3 +158,37 @@ def test_rllib_module_trains_on_packed_outputs_and_hands_values_to_the_loss():
         # the PPO loss passes fwd_out[EMBEDDINGS] back: the packed values, not a recomputation
         assert module.compute_values(batch[mid], embeddings=out[mid][Columns.EMBEDDINGS]) is \
             out[mid][Columns.EMBEDDINGS]
+
+
+def test_ddiql_losses_of_packed_datasets_equal_one_dataset_at_a_time():
+    """DD-IQL's workers run every held dataset's minibatch through each network at once
+    (target Q, V(s'), V and π, Q over state-action sequences of different lengths)."""
+    from rl_agnostic.offline.iql import IQLNetworks
+
+    torch.manual_seed(0)
+    specs = [SPECS[0], SPECS[3], SPECS[5], SPECS[1]]  # CartPole, Hopper, LunarLander, MountainCar
+    nets = randomize_norms(IQLNetworks("agnostic", NetworkConfig(d_model=16, dropout=0.0), specs))
+    gen = torch.Generator().manual_seed(2)
+    items = []
+    for spec, rows in zip(specs, (6, 5, 7, 4)):
+        actions = (torch.randint(0, spec.action_dim, (rows,), generator=gen) if spec.is_discrete
+                   else torch.rand(rows, spec.action_dim, generator=gen) * 2 - 1)
+        items.append((spec, {"observations": torch.randn(rows, spec.obs_dim, generator=gen),
+                             "actions": actions, "rewards": torch.randn(rows, generator=gen),
+                             "next_observations": torch.randn(rows, spec.obs_dim, generator=gen),
+                             "terminals": (torch.rand(rows, generator=gen) < 0.3).float()}))
+    kw = {"expectile": 0.7, "beta": 3.0, "gamma": 0.99}
+
+    def grads(losses):
+        nets.zero_grad()
+        sum(part["total"] for part in losses).backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for p in nets.parameters()]
+
+    packed = nets.iql_losses_many(items, **kw)
+    single = [nets.iql_losses(spec, batch, **kw) for spec, batch in items]
+    for part, part1 in zip(packed, single):
+        for key in ("value", "q", "policy", "total", "v_mean"):
+            torch.testing.assert_close(part[key], part1[key], atol=1e-5, rtol=1e-5)
+    for g, g1 in zip(grads(packed), grads(single)):
+        torch.testing.assert_close(g, g1, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ brings its context vector (`rl_agnostic.nn.context`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,43 +110,46 @@ class AgnosticActorCritic(ActorCritic):
         """Every env type's batch through the network in few passes instead of one each.
 
         Batches whose observation lengths are close (`length_buckets`: padding costs less than
-        another pass) are padded at the end to the longest and run as one batch; each action kind's decoder then runs once over
-        the bucket, its outputs padded to the longest action vector. Real positions compute what
-        the separate passes compute (causal S4, padded keys masked out of attention, pooling over
-        real positions only), so only the rounding differs; per-op overhead is paid once per
-        bucket, not once per env type. The Bi-GRU embedding reads its input backwards, so that
-        network runs one pass per env type."""
+        another pass) are padded at the end to the longest and run as one batch; each action
+        kind's decoder then runs once over the bucket, its outputs padded to the longest action
+        vector. Real positions compute what the separate passes compute (causal S4, padded keys
+        masked out of attention, pooling over real positions only), so only the rounding
+        differs; per-op overhead is paid once per bucket, not once per env type. The Bi-GRU
+        embedding reads its input backwards, so that network runs one pass per env type."""
         if self.cfg.embedding != "s4" or len(items) < 2:
             return super().actor_critic_many(items)
+        return self._many(items, actor=True)  # type: ignore[return-value]
+
+    def value_many(self, items: Sequence[tuple[Tensor, EnvSpec]]) -> list[Tensor]:
+        """`value` of several env types' batches, packed as in `actor_critic_many`."""
+        if self.cfg.embedding != "s4" or len(items) < 2:
+            return [self.value(obs, spec) for obs, spec in items]
+        return self._many(items, actor=False)  # type: ignore[return-value]
+
+    def _many(self, items: Sequence[tuple[Tensor, EnvSpec]], actor: bool) -> list:
         for obs, spec in items:
             self._check_obs(obs, spec)
-        out: list[tuple[Tensor, Tensor] | None] = [None] * len(items)
-        for bucket in length_buckets([spec.obs_dim for _, spec in items],
-                                     [obs.shape[0] for obs, _ in items]):
-            for i, result in zip(bucket, self._packed([items[i] for i in bucket])):
-                out[i] = result
-        return out  # type: ignore[return-value]
+        return in_buckets([spec.obs_dim for _, spec in items], [obs.shape[0] for obs, _ in items],
+                          lambda idx: self._packed([items[i] for i in idx], actor))
 
-    def _packed(self, items: list[tuple[Tensor, EnvSpec]]) -> list[tuple[Tensor, Tensor]]:
-        obs0 = items[0][0]
-        sizes = [obs.shape[0] for obs, _ in items]
-        dims = [spec.obs_dim for _, spec in items]
-        width = max(dims)
-        x = torch.cat([F.pad(obs, (0, width - spec.obs_dim)) for obs, spec in items])
-        lengths = _per_row(dims, sizes, obs0.device) if min(dims) < width else None
-        ctx = torch.cat([self._contexts(spec, obs0.device, obs0.dtype).expand(n, -1)
-                         for (_, spec), n in zip(items, sizes)])
-        enc = self.actor_trunk.encoder(x, lengths)
-        critic_enc = enc if self.cfg.shared_encoder else self.critic_trunk.encoder(x, lengths)
-        h = self.actor_trunk(x, ctx, encoded=enc).split(sizes)
+    def _packed(self, items: list[tuple[Tensor, EnvSpec]], actor: bool) -> list:
+        """One padded pass: [(dist inputs, values), …], or [values, …] when not ``actor``."""
+        specs = [spec for _, spec in items]
+        x, lengths, ctx, sizes = pad_rows([obs for obs, _ in items], specs, self._contexts)
+        critic_enc = self.critic_trunk.encoder(x, lengths)
         values = self.value_decoder(self.critic_trunk(x, ctx, encoded=critic_enc), 1)
+        values = values.squeeze(-1).split(sizes)
+        if not actor:
+            return list(values)
+        enc = critic_enc if self.cfg.shared_encoder else self.actor_trunk.encoder(x, lengths)
+        h = self.actor_trunk(x, ctx, encoded=enc).split(sizes)
         dists: list[Tensor | None] = [None] * len(items)
         for discrete in (True, False):
-            idx = [i for i, (_, spec) in enumerate(items) if spec.is_discrete == discrete]
+            idx = [i for i, spec in enumerate(specs) if spec.is_discrete == discrete]
             if not idx:
                 continue
             hs = torch.cat([h[i] for i in idx])
-            acts = [items[i][1].action_dim for i in idx]
+            acts = [specs[i].action_dim for i in idx]
             n_out, rows = max(acts), [sizes[i] for i in idx]
             out_lengths = _per_row(acts, rows, hs.device) if min(acts) < n_out else None
             if discrete:
@@ -160,7 +163,33 @@ class AgnosticActorCritic(ActorCritic):
                     parts[1] = bounded_log_std(parts[1], self.cfg.log_std_min,
                                                self.cfg.log_std_max, self.cfg.log_std_init)
                 dists[i] = parts[0] if discrete else torch.cat(parts, -1)
-        return list(zip(dists, values.squeeze(-1).split(sizes)))  # type: ignore[arg-type]
+        return list(zip(dists, values))
+
+
+def pad_rows(xs: Sequence[Tensor], specs: Sequence[EnvSpec], contexts: ContextCache
+             ) -> tuple[Tensor, Tensor | None, Tensor, list[int]]:
+    """Batches xs[i] (rows_i, L_i) of env specs[i] as one: (Σ rows, max L) padded at the end
+    with zeros, each row's length (None when all are equal), each row's context vector, and
+    the batches' row counts."""
+    x0 = xs[0]
+    sizes = [x.shape[0] for x in xs]
+    dims = [x.shape[1] for x in xs]
+    width = max(dims)
+    x = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in xs])
+    lengths = _per_row(dims, sizes, x0.device) if min(dims) < width else None
+    ctx = torch.cat([contexts(spec, x0.device, x0.dtype).expand(n, -1)
+                     for spec, n in zip(specs, sizes)])
+    return x, lengths, ctx, sizes
+
+
+def in_buckets(lengths: Sequence[int], rows: Sequence[int],
+               run: Callable[[list[int]], list]) -> list:
+    """``run(indices)`` once per `length_buckets` bucket; its results back in input order."""
+    out: list = [None] * len(lengths)
+    for bucket in length_buckets(lengths, rows):
+        for i, result in zip(bucket, run(bucket)):
+            out[i] = result
+    return out
 
 
 def _per_row(values: list[int], rows: list[int], device: torch.device) -> Tensor:
@@ -217,9 +246,30 @@ class AgnosticQ(nn.Module):
         sa = torch.cat([obs, action_features(actions, spec)], dim=-1)
         return self.decoder(self.trunk(sa, self._contexts(spec, obs.device, obs.dtype)), 1).squeeze(-1)
 
+    def forward_many(self, items: Sequence[tuple[Tensor, Tensor, EnvSpec]]) -> list[Tensor]:
+        """Q of several env types' (obs, actions) batches in few padded passes over the
+        state-action sequences (as `AgnosticActorCritic.actor_critic_many`)."""
+        if not self.trunk.encoder.block.causal_embedding or len(items) < 2:
+            return [self(obs, actions, spec) for obs, actions, spec in items]
+        sas = [torch.cat([obs, action_features(actions, spec)], dim=-1)
+               for obs, actions, spec in items]
+        specs = [spec for _, _, spec in items]
+
+        def run(idx: list[int]) -> list[Tensor]:
+            x, lengths, ctx, sizes = pad_rows([sas[i] for i in idx], [specs[i] for i in idx],
+                                              self._contexts)
+            h = self.trunk(x, ctx, encoded=self.trunk.encoder(x, lengths))
+            return list(self.decoder(h, 1).squeeze(-1).split(sizes))
+
+        return in_buckets([sa.shape[1] for sa in sas], [sa.shape[0] for sa in sas], run)
+
 
 class AgnosticTwinQ(TwinQ):
     """Two independent agnostic Q networks (clipped double-Q as in IQL): returns (Q₁, Q₂)."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__(AgnosticQ(cfg), AgnosticQ(cfg))
+
+    def forward_many(self, items: Sequence[tuple[Tensor, Tensor, EnvSpec]]
+                     ) -> list[tuple[Tensor, Tensor]]:
+        return list(zip(self.q1.forward_many(items), self.q2.forward_many(items)))

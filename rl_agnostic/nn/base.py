@@ -52,6 +52,10 @@ class ActorCritic(nn.Module):
         this (the agnostic one packs them into few passes); here one call each."""
         return [self.actor_critic(obs, spec) for obs, spec in items]
 
+    def value_many(self, items: Sequence[tuple[Tensor, EnvSpec]]) -> list[Tensor]:
+        """`value` of several env types' batches (packed where the network can)."""
+        return [self.value(obs, spec) for obs, spec in items]
+
     @staticmethod
     def log_prob(spec: EnvSpec, dist_inputs: Tensor, actions: Tensor) -> Tensor:
         return D.log_prob(spec.is_discrete, dist_inputs, actions)
@@ -97,3 +101,8 @@ class TwinQ(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor, spec: EnvSpec) -> tuple[Tensor, Tensor]:
         return self.q1(obs, actions, spec), self.q2(obs, actions, spec)
+
+    def forward_many(self, items: Sequence[tuple[Tensor, Tensor, EnvSpec]]
+                     ) -> list[tuple[Tensor, Tensor]]:
+        """(Q₁, Q₂) of several env types' (obs, actions) batches; one call each here."""
+        return [self(obs, actions, spec) for obs, actions, spec in items]

@@ -19,7 +19,7 @@ checkpoint's policy is what `rl_agnostic.online.agent.Agent` loads.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,20 +86,31 @@ class IQLNetworks(nn.Module):
     def iql_losses(self, spec: EnvSpec, batch: Mapping[str, Tensor], *, expectile: float,
                    beta: float, gamma: float) -> dict[str, Tensor]:
         """``value``, ``q``, ``policy`` losses and their sum ``total`` for one minibatch."""
-        obs, actions = batch["observations"], batch["actions"]
+        return self.iql_losses_many([(spec, batch)], expectile=expectile, beta=beta,
+                                    gamma=gamma)[0]
+
+    def iql_losses_many(self, items: Sequence[tuple[EnvSpec, Mapping[str, Tensor]]], *,
+                        expectile: float, beta: float, gamma: float) -> list[dict[str, Tensor]]:
+        """`iql_losses` of several datasets' minibatches, ``[(spec, batch), …]``. Every network
+        pass takes all of them at once (`ActorCritic.actor_critic_many`, ``value_many``,
+        `TwinQ.forward_many`): the agnostic networks pack them into few padded passes."""
+        obs = [(b["observations"], spec) for spec, b in items]
+        obs_actions = [(b["observations"], b["actions"], spec) for spec, b in items]
         with torch.no_grad():
-            tq1, tq2 = self.q_target(obs, actions, spec)
-            target_q = torch.minimum(tq1, tq2)
-            next_v = self.actor_critic.value(batch["next_observations"], spec)
-            td_target = batch["rewards"] + gamma * (1.0 - batch["terminals"]) * next_v
-        v = self.actor_critic.value(obs, spec)
-        advantage = target_q - v
-        value_loss = expectile_loss(advantage, expectile)
-        q1, q2 = self.q(obs, actions, spec)
-        q_loss = td_loss(q1, q2, td_target)
-        dist_inputs = self.actor_critic.actor(obs, spec)
-        log_prob = self.actor_critic.log_prob(spec, dist_inputs, actions)
-        policy_loss = awr_policy_loss(log_prob, advantage, beta)
-        return {"value": value_loss, "q": q_loss, "policy": policy_loss,
-                "total": value_loss + q_loss + policy_loss,
-                "v_mean": v.detach().mean(), "advantage_mean": advantage.detach().mean()}
+            target_q = [torch.minimum(q1, q2) for q1, q2 in self.q_target.forward_many(obs_actions)]
+            next_v = self.actor_critic.value_many(
+                [(b["next_observations"], spec) for spec, b in items])
+        qs = self.q.forward_many(obs_actions)
+        out = []
+        for (spec, b), tq, nv, (q1, q2), (dist_inputs, v) in zip(
+                items, target_q, next_v, qs, self.actor_critic.actor_critic_many(obs)):
+            td_target = b["rewards"] + gamma * (1.0 - b["terminals"]) * nv
+            advantage = tq - v
+            value_loss = expectile_loss(advantage, expectile)
+            q_loss = td_loss(q1, q2, td_target)
+            log_prob = self.actor_critic.log_prob(spec, dist_inputs, b["actions"])
+            policy_loss = awr_policy_loss(log_prob, advantage, beta)
+            out.append({"value": value_loss, "q": q_loss, "policy": policy_loss,
+                        "total": value_loss + q_loss + policy_loss,
+                        "v_mean": v.detach().mean(), "advantage_mean": advantage.detach().mean()})
+        return out

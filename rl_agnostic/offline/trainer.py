@@ -237,11 +237,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             batches[d] = {k: v[idx.to(device)] for k, v in buffers[d].items()}
         t_data = time.perf_counter() - t0
         total = None
-        losses = {}
-        for d in held:
-            parts = nets.iql_losses(specs[d], batches[d], expectile=i.expectile, beta=i.beta,
-                                    gamma=i.gamma)
-            losses[d] = parts
+        losses = dict(zip(held, nets.iql_losses_many(
+            [(specs[d], batches[d]) for d in held], expectile=i.expectile, beta=i.beta,
+            gamma=i.gamma)))
+        for parts in losses.values():
             term = parts["total"] / holders
             total = term if total is None else total + term
         optimizer.zero_grad()
