@@ -173,18 +173,18 @@ def write(rows: list[dict], iql_rows: list[dict], meta: dict) -> None:
     lines = [
         "# Multi-env updates: one pass per env type vs packed passes",
         "",
-        f"Machine: {os.cpu_count()} cores, load average before the run "
-        f"{meta['load_average'][0]:.2f}. Each figure is the median of {rows[0]['rounds']} "
-        f"alternating rounds of {rows[0]['updates_per_round']} updates each way, in one process "
-        "(the machine's speed drifts by ±20 %).",
+        (f"Machine: {os.cpu_count()} cores, load average before the run "
+         f"{meta['load_average'][0]:.2f}. Each figure is the median of {rows[0]['rounds']} "
+         f"alternating rounds of {rows[0]['updates_per_round']} updates each way, in one "
+         "process (the machine's speed drifts by ±20 %)."),
         "",
         f"## PPO learner update (torch threads {meta['ppo_threads']}, the learner's default)",
         "",
-        f"Every env type's minibatch ({rows[0]['rows_per_env']} rows each): forward, clipped "
-        "loss, backward, grad clip, Adam.",
+        (f"Every env type's minibatch ({rows[0]['rows_per_env']} rows each): forward, clipped "
+         "loss, backward, grad clip, Adam."),
         "",
-        "| network | env set | ms/update, one pass per env type | ms/update, packed | speed-up "
-        "| buckets | max output diff |",
+        ("| network | env set | ms/update, one pass per env type | ms/update, packed "
+         "| speed-up | buckets | max output diff |"),
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -197,11 +197,14 @@ def write(rows: list[dict], iql_rows: list[dict], meta: dict) -> None:
         lines.append(f"- {r['env_set']}: " + " · ".join(
             "[" + ", ".join(b) + "]" for b in r["buckets"]))
     lines += [
-        "", f"## DD-IQL gradient step on one worker (torch threads {meta['iql_threads']}, the "
-        "worker's default)", "",
-        f"{iql_rows[0]['network']}, batch {iql_rows[0]['rows_per_env']} per dataset: target Q, "
-        "V(s'), V, twin Q and π of every held dataset, backward, Adam, Polyak update "
-        "(tune_configs/offline_cpu.yaml's split of 6 datasets over 2 workers).", "",
+        "",
+        (f"## DD-IQL gradient step on one worker (torch threads {meta['iql_threads']}, the "
+         "worker's default)"),
+        "",
+        (f"{iql_rows[0]['network']}, batch {iql_rows[0]['rows_per_env']} per dataset: target "
+         "Q, V(s'), V, twin Q and π of every held dataset, backward, Adam, Polyak update "
+         "(tune_configs/offline_cpu.yaml's split of 6 datasets over 2 workers)."),
+        "",
         "| worker's datasets | ms/step, one dataset at a time | ms/step, packed | speed-up |",
         "|---|---|---|---|",
     ]

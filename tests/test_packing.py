@@ -10,9 +10,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from _reference import randomize_norms
-from rl_agnostic.nn import AgnosticActorCritic, EnvSpec, NetworkConfig, build_actor_critic
+
+from rl_agnostic.nn import (
+    AgnosticActorCritic,
+    EnvSpec,
+    NetworkConfig,
+    build_actor_critic,
+)
 from rl_agnostic.nn.agnostic import length_buckets
 from rl_agnostic.nn.transformer import TransformerLayer
 

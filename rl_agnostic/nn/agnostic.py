@@ -104,7 +104,6 @@ class AgnosticActorCritic(ActorCritic):
         value = self.value_decoder(self.critic_trunk(obs, ctx, encoded=enc), 1).squeeze(-1)
         return dist, value
 
-
     def actor_critic_many(self, items: Sequence[tuple[Tensor, EnvSpec]]
                           ) -> list[tuple[Tensor, Tensor]]:
         """Every env type's batch through the network in few passes instead of one each.
@@ -116,15 +115,15 @@ class AgnosticActorCritic(ActorCritic):
         masked out of attention, pooling over real positions only), so only the rounding
         differs; per-op overhead is paid once per bucket, not once per env type. The Bi-GRU
         embedding reads its input backwards, so that network runs one pass per env type."""
-        if self.cfg.embedding != "s4" or len(items) < 2:
+        if not packs(self.critic_trunk.encoder, items):
             return super().actor_critic_many(items)
-        return self._many(items, actor=True)  # type: ignore[return-value]
+        return self._many(items, actor=True)
 
     def value_many(self, items: Sequence[tuple[Tensor, EnvSpec]]) -> list[Tensor]:
         """`value` of several env types' batches, packed as in `actor_critic_many`."""
-        if self.cfg.embedding != "s4" or len(items) < 2:
-            return [self.value(obs, spec) for obs, spec in items]
-        return self._many(items, actor=False)  # type: ignore[return-value]
+        if not packs(self.critic_trunk.encoder, items):
+            return super().value_many(items)
+        return self._many(items, actor=False)
 
     def _many(self, items: Sequence[tuple[Tensor, EnvSpec]], actor: bool) -> list:
         for obs, spec in items:
@@ -164,6 +163,12 @@ class AgnosticActorCritic(ActorCritic):
                                                self.cfg.log_std_max, self.cfg.log_std_init)
                 dists[i] = parts[0] if discrete else torch.cat(parts, -1)
         return list(zip(dists, values))
+
+
+def packs(encoder: Encoder, items: Sequence) -> bool:
+    """Whether several batches gain from one padded pass: at least two, and a causal embedding
+    (the Bi-GRU reads its input backwards, padding included)."""
+    return len(items) > 1 and encoder.block.causal_embedding
 
 
 def pad_rows(xs: Sequence[Tensor], specs: Sequence[EnvSpec], contexts: ContextCache
@@ -249,7 +254,7 @@ class AgnosticQ(nn.Module):
     def forward_many(self, items: Sequence[tuple[Tensor, Tensor, EnvSpec]]) -> list[Tensor]:
         """Q of several env types' (obs, actions) batches in few padded passes over the
         state-action sequences (as `AgnosticActorCritic.actor_critic_many`)."""
-        if not self.trunk.encoder.block.causal_embedding or len(items) < 2:
+        if not packs(self.trunk.encoder, items):
             return [self(obs, actions, spec) for obs, actions, spec in items]
         sas = [torch.cat([obs, action_features(actions, spec)], dim=-1)
                for obs, actions, spec in items]

@@ -5,6 +5,10 @@ type gets a thin `EnvTypeModule` (its `EnvSpec`, its action-distribution class),
 `SharedNetworkMultiRLModule` builds ONE `rl_agnostic.nn.ActorCritic` and hands the same object to
 all of them, so every env type reads and trains the same weights.
 
+The learner's forward (`SharedNetworkMultiRLModule._forward_train`) gives the network every env
+type's minibatch at once (`ActorCritic.actor_critic_many`): the agnostic network packs them into
+few padded passes, values included, and hands each module its values for the PPO loss.
+
 Shared weights must be shipped and counted once: `SharedNetworkMultiRLModule.get_state` puts the
 network's weights under the first module id only (runner weight syncs and checkpoints carry one
 copy), and `EnvTypeModule.set_state` ignores the empty states of the others.
