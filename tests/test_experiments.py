@@ -148,7 +148,18 @@ def test_primary_check_counts_envs_per_other_column():
 
 
 @pytest.fixture(scope="module")
-def tiny_results(tmp_path_factory):
+def shared_ray():
+    """One local Ray for the module's experiments (each would otherwise start and stop its
+    own; `run_experiment` leaves a Ray it did not start running)."""
+    import ray
+
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_results(shared_ray, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "mix_to_mix"
     lines: list[str] = []
     result = run_experiment(load_experiment("mix_to_mix", "tiny"), out, log=lines.append)
@@ -241,9 +252,12 @@ def test_runs_saved_before_a_field_existed_are_reused_only_when_it_changes_nothi
 
 
 @pytest.mark.parametrize("name", ["mix16", "classic_to_mujoco", "mujoco_to_classic"])
-def test_every_other_experiment_runs_end_to_end_at_tiny_scale(name, tmp_path):
+def test_every_other_experiment_runs_end_to_end_at_tiny_scale(name, tmp_path, shared_ray):
+    import ray
+
     exp = load_experiment(name, "tiny")
     result = run_experiment(exp, tmp_path / name, log=lambda text: None)
+    assert ray.is_initialized()  # a Ray it did not start stays up
     assert not result["missing_runs"]
     for phase in result["phases"]:
         assert (tmp_path / name / f"{phase}.png").stat().st_size > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,10 +67,17 @@ def test_ray_dataset_round_trip(local_ray, datasets):
         assert np.array_equal(rows[field], array), field
 
 
-def test_ddiql_two_workers_three_datasets(local_ray, datasets, tmp_path, capsys):
-    cfg = _config(datasets, tmp_path, steps=20)
+@pytest.fixture(scope="module")
+def two_worker_run(local_ray, datasets, tmp_path_factory):
+    """20 steps on two workers, then resumed to 30: (config, run dir, final metrics of both)."""
+    cfg = _config(datasets, tmp_path_factory.mktemp("runs"), steps=20)
     final = train_offline(cfg)
-    run_dir = tmp_path / "ddiql"
+    resumed = train_offline(cfg.replace(run={"steps": 30}), resume=True)
+    return cfg, Path(cfg.run.output_dir) / cfg.name, final, resumed
+
+
+def test_ddiql_two_workers_three_datasets(two_worker_run, capsys):
+    cfg, run_dir, final, resumed = two_worker_run
 
     # The two workers hold different datasets (0 and 2 vs 1) and still end with equal weights.
     assert final["step"] == 20
@@ -83,10 +91,14 @@ def test_ddiql_two_workers_three_datasets(local_ray, datasets, tmp_path, capsys)
         assert final[f"dataset/{n}/loss_total"] == pytest.approx(sum(parts), rel=1e-5)
         assert np.isfinite(final[f"dataset/{n}/return_mean"])
     assert "dataset/invpend/normalized_score" in final
-    assert [m["step"] for m in _metrics(run_dir)] == [5, 10, 15, 20]
+
+    # --resume continued from the step-20 checkpoint.
+    assert resumed["step"] == 30
+    assert resumed["sync/max_weight_diff"] == 0.0
+    assert [m["step"] for m in _metrics(run_dir)] == [5, 10, 15, 20, 25, 30]
+    assert (run_dir / "latest").read_text() == "ckpt_000030"
 
     # The checkpoint's policy acts in all three envs outside Ray, and the CLI evaluates it.
-    assert (run_dir / "latest").read_text() == "ckpt_000020"
     agent = Agent.load(run_dir)
     assert set(agent.specs) == set(ENVS.values())
     assert agent.act("CartPole-v1", np.zeros((2, 4), np.float32)).dtype == np.int64
@@ -95,12 +107,6 @@ def test_ddiql_two_workers_three_datasets(local_ray, datasets, tmp_path, capsys)
     assert main(["evaluate", str(run_dir), "--env", "InvertedPendulum-v5", "--episodes", "1"]) == 0
     assert "InvertedPendulum-v5: return" in capsys.readouterr().out
 
-    # --resume continues from the last checkpoint.
-    resumed = train_offline(cfg.replace(run={"steps": 30}), resume=True)
-    assert resumed["step"] == 30
-    assert resumed["sync/max_weight_diff"] == 0.0
-    assert [m["step"] for m in _metrics(run_dir)] == [5, 10, 15, 20, 25, 30]
-    assert (run_dir / "latest").read_text() == "ckpt_000030"
     # Resuming under a network config that computes another function with the same weights is
     # refused before any training, and the run is left as it was.
     other = dataclasses.replace(cfg.model.network, encoder_position="none")
@@ -108,16 +114,12 @@ def test_ddiql_two_workers_three_datasets(local_ray, datasets, tmp_path, capsys)
         train_offline(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, network=other),
                                           run=dataclasses.replace(cfg.run, steps=40)), resume=True)
     assert (run_dir / "latest").read_text() == "ckpt_000030"
-    # A new run under the same name starts from step 0; the earlier one is kept whole beside it.
-    train_offline(cfg.replace(run={"steps": 5}))
-    assert [m["step"] for m in _metrics(run_dir)] == [5]
-    (aside,) = [p for p in run_dir.parent.iterdir() if p.name.startswith(run_dir.name + ".")]
-    assert [m["step"] for m in _metrics(aside)] == [5, 10, 15, 20, 25, 30]
-    assert (aside / "latest").read_text() == "ckpt_000030"
 
 
 def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(
-        local_ray, datasets, tmp_path):
+        two_worker_run):
+    """A new run in the directory of the two-worker run (which it first moves aside whole);
+    one of its Ray Train workers is killed after its first checkpoint."""
     import os
     import signal
     import threading
@@ -125,21 +127,20 @@ def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpo
 
     import psutil
 
-    cfg = _config(datasets, tmp_path, steps=300)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint_every=60,
-                                                           log_every=20))
-    run_dir = tmp_path / "ddiql"
+    earlier, run_dir, _, _ = two_worker_run
+    cfg = dataclasses.replace(earlier, run=dataclasses.replace(
+        earlier.run, steps=240, checkpoint_every=40, log_every=20))
     killed: list[int] = []
     before_kill: list[str] = []
 
     def kill_a_worker_once_the_first_checkpoint_is_registered() -> None:
         # Ray Train registers a reported checkpoint when it next polls the workers (every 2 s):
-        # kill once a step past the first checkpoint (60) is logged and a poll has passed.
+        # kill once a step past the first checkpoint (40) is logged and a poll has passed.
         deadline = time.monotonic() + 300
         log = run_dir / "metrics.jsonl"
         while time.monotonic() < deadline:
             lines = log.read_text().splitlines() if log.is_file() else []
-            if lines and json.loads(lines[-1])["step"] >= 80:
+            if lines and json.loads(lines[-1])["step"] >= 60:
                 break
             time.sleep(0.1)
         time.sleep(3.0)
@@ -156,10 +157,14 @@ def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpo
     final = train_offline(cfg)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    assert final["step"] == 300
+    assert final["step"] == 240
     assert final["sync/max_weight_diff"] == 0.0
     # The run went on from a checkpoint, not from step 0 (the lines up to it, with their timings,
     # are the ones written before the kill), and the steps it redid are logged once.
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert after[:3] == before_kill[:3]
-    assert [json.loads(line)["step"] for line in after] == list(range(20, 301, 20))
+    assert after[:2] == before_kill[:2]
+    assert [json.loads(line)["step"] for line in after] == list(range(20, 241, 20))
+    # The earlier run in that directory was moved aside whole before this one started.
+    (aside,) = [p for p in run_dir.parent.iterdir() if p.name.startswith(run_dir.name + ".")]
+    assert [m["step"] for m in _metrics(aside)] == [5, 10, 15, 20, 25, 30]
+    assert (aside / "latest").read_text() == "ckpt_000030"
