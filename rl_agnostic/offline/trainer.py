@@ -236,13 +236,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             idx = torch.randint(len(buffers[d]["rewards"]), (batch,), generator=generator)
             batches[d] = {k: v[idx.to(device)] for k, v in buffers[d].items()}
         t_data = time.perf_counter() - t0
-        total = None
         losses = dict(zip(held, nets.iql_losses_many(
             [(specs[d], batches[d]) for d in held], expectile=i.expectile, beta=i.beta,
             gamma=i.gamma)))
-        for parts in losses.values():
-            term = parts["total"] / holders
-            total = term if total is None else total + term
+        total = sum(parts["total"] / holders for parts in losses.values()) if losses else None
         optimizer.zero_grad()
         if total is not None:
             total.backward()
