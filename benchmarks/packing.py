@@ -15,7 +15,7 @@ machine is noisy) and reporting medians, for the env sets and networks the exper
 
 The same for a DD-IQL worker's gradient step over its datasets (`IQLNetworks.iql_losses_many`).
 
-Writes ``results/packing.md`` and ``results/packing.json``.
+Writes ``results/packing.md``, ``results/packing.json`` and ``results/packing.png``.
 
     python benchmarks/packing.py               # ~6 min on 2 cores
     python benchmarks/packing.py --rounds 2    # shorter
@@ -211,8 +211,33 @@ def write(rows: list[dict], iql_rows: list[dict], meta: dict) -> None:
     for r in iql_rows:
         lines.append(f"| {r['worker']} | {r['ms_per_update_one_pass_per_env']:.1f} "
                      f"| {r['ms_per_update_packed']:.1f} | **{r['speedup']:.2f}×** |")
-    lines += ["", "Reproduce: `python benchmarks/packing.py`."]
+    lines += ["", "![ms per update](packing.png)", "",
+              "Reproduce: `python benchmarks/packing.py`."]
     (RESULTS / "packing.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['network'].split(' (')[0]}\n{r['env_set']}" for r in rows] + [
+        f"DD-IQL\n{r['worker'].split(':')[0]}" for r in iql_rows]
+    every = rows + iql_rows
+    xs = range(len(every))
+    fig, ax = plt.subplots(figsize=(11, 4))
+    ax.bar([x - 0.2 for x in xs], [r["ms_per_update_one_pass_per_env"] for r in every], 0.4,
+           label="one pass per env type")
+    ax.bar([x + 0.2 for x in xs], [r["ms_per_update_packed"] for r in every], 0.4,
+           label="packed")
+    for x, r in zip(xs, every):
+        ax.text(x + 0.2, r["ms_per_update_packed"], f"{r['speedup']:.2f}×", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("ms per update (median)")
+    ax.set_title("Multi-env update: one pass per env type vs packed passes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "packing.png", dpi=120)
 
 
 def main() -> None:
@@ -243,7 +268,7 @@ def main() -> None:
         print(f"{net_name:<46} {worker:<20} {r['ms_per_update_one_pass_per_env']:>10.1f} "
               f"{r['ms_per_update_packed']:>10.1f} {r['speedup']:>7.2f}x", flush=True)
     write(rows, iql_rows, meta)
-    print(f"wrote {RESULTS / 'packing.md'} and packing.json")
+    print(f"wrote {RESULTS / 'packing.md'}, packing.json and packing.png")
 
 
 if __name__ == "__main__":
