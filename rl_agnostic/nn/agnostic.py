@@ -78,12 +78,17 @@ class AgnosticActorCritic(ActorCritic):
             self.add_env(spec)
 
     def _heads(self, h: Tensor, spec: EnvSpec) -> Tensor:
-        if spec.is_discrete:
-            return self.discrete_decoder(h, spec.action_dim)
-        mean = self.mean_decoder(h, spec.action_dim)
-        raw = self.log_std_decoder(h, spec.action_dim)
-        return torch.cat([mean, bounded_log_std(raw, self.cfg.log_std_min, self.cfg.log_std_max,
-                                              self.cfg.log_std_init)], -1)
+        return torch.cat(self._head_outputs(h, spec.is_discrete, spec.action_dim), -1)
+
+    def _head_outputs(self, h: Tensor, discrete: bool, n_out: int,
+                      lengths: Tensor | None = None) -> list[Tensor]:
+        """[logits] or [mean, bounded log-std], each (B, n_out); ``lengths`` as in `Decoder`."""
+        if discrete:
+            return [self.discrete_decoder(h, n_out, lengths)]
+        mean = self.mean_decoder(h, n_out, lengths)
+        raw = self.log_std_decoder(h, n_out, lengths)
+        return [mean, bounded_log_std(raw, self.cfg.log_std_min, self.cfg.log_std_max,
+                                      self.cfg.log_std_init)]
 
     def actor(self, obs: Tensor, spec: EnvSpec) -> Tensor:
         self._check_obs(obs, spec)
@@ -151,17 +156,10 @@ class AgnosticActorCritic(ActorCritic):
             acts = [specs[i].action_dim for i in idx]
             n_out, rows = max(acts), [sizes[i] for i in idx]
             out_lengths = _per_row(acts, rows, hs.device) if min(acts) < n_out else None
-            if discrete:
-                heads = [self.discrete_decoder(hs, n_out, out_lengths).split(rows)]
-            else:
-                heads = [self.mean_decoder(hs, n_out, out_lengths).split(rows),
-                         self.log_std_decoder(hs, n_out, out_lengths).split(rows)]
+            heads = [out.split(rows) for out in
+                     self._head_outputs(hs, discrete, n_out, out_lengths)]
             for j, (i, act) in enumerate(zip(idx, acts)):
-                parts = [head[j][:, :act] for head in heads]
-                if not discrete:
-                    parts[1] = bounded_log_std(parts[1], self.cfg.log_std_min,
-                                               self.cfg.log_std_max, self.cfg.log_std_init)
-                dists[i] = parts[0] if discrete else torch.cat(parts, -1)
+                dists[i] = torch.cat([head[j][:, :act] for head in heads], -1)
         return list(zip(dists, values))
 
 
