@@ -69,15 +69,18 @@ def test_ray_dataset_round_trip(local_ray, datasets):
 
 @pytest.fixture(scope="module")
 def two_worker_run(local_ray, datasets, tmp_path_factory):
-    """20 steps on two workers, then resumed to 30: (config, run dir, final metrics of both)."""
+    """20 steps on two workers, then resumed to 30: (config, run dir, final metrics of both,
+    the logged steps and latest checkpoint after the first 20)."""
     cfg = _config(datasets, tmp_path_factory.mktemp("runs"), steps=20)
+    run_dir = Path(cfg.run.output_dir) / cfg.name
     final = train_offline(cfg)
+    first = ([m["step"] for m in _metrics(run_dir)], (run_dir / "latest").read_text())
     resumed = train_offline(cfg.replace(run={"steps": 30}), resume=True)
-    return cfg, Path(cfg.run.output_dir) / cfg.name, final, resumed
+    return cfg, run_dir, final, resumed, first
 
 
 def test_ddiql_two_workers_three_datasets(two_worker_run, capsys):
-    cfg, run_dir, final, resumed = two_worker_run
+    cfg, run_dir, final, resumed, first = two_worker_run
 
     # The two workers hold different datasets (0 and 2 vs 1) and still end with equal weights.
     assert final["step"] == 20
@@ -91,6 +94,7 @@ def test_ddiql_two_workers_three_datasets(two_worker_run, capsys):
         assert final[f"dataset/{n}/loss_total"] == pytest.approx(sum(parts), rel=1e-5)
         assert np.isfinite(final[f"dataset/{n}/return_mean"])
     assert "dataset/invpend/normalized_score" in final
+    assert first == ([5, 10, 15, 20], "ckpt_000020")
 
     # --resume continued from the step-20 checkpoint.
     assert resumed["step"] == 30
@@ -127,7 +131,7 @@ def test_a_killed_train_worker_is_replaced_and_the_run_finishes_from_its_checkpo
 
     import psutil
 
-    earlier, run_dir, _, _ = two_worker_run
+    earlier, run_dir, *_ = two_worker_run
     cfg = dataclasses.replace(earlier, run=dataclasses.replace(
         earlier.run, steps=240, checkpoint_every=40, log_every=20))
     killed: list[int] = []
