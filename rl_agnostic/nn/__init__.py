@@ -15,6 +15,11 @@ from rl_agnostic.nn.baselines import (
     SpecificQ,
 )
 from rl_agnostic.nn.config import ConfigError, NetworkConfig
+from rl_agnostic.nn.native import keep_freed_memory
+
+# Every process that builds these networks (driver, learners, env runners, Ray Train workers)
+# trains or acts with them: reuse freed activation memory instead of faulting in fresh pages.
+keep_freed_memory()
 
 KINDS = ("agnostic", "specific", "padded", "single")
 

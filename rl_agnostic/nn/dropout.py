@@ -1,26 +1,102 @@
-r"""Dropout whose keep-mask is drawn ~4× faster on CPU than ``F.dropout``.
+r"""Dropout for CPU training, and GELU followed by dropout, each one pass over memory.
 
-Same distribution: each element is kept with probability 1-p and scaled by 1/(1-p). The mask is
-``U >= p·2³²`` for U uniform on 32-bit integers (p exact to 2⁻³²), drawn from numpy's SFC64
-generator — about 1 ns per element, against ~7 ns for torch's CPU Bernoulli sampler, which made
-dropout a third of a training step of this network. Each call seeds its generator from torch's
-default generator, so ``torch.manual_seed`` still makes runs reproducible. The float mask (already
-scaled) is what backward multiplies with. On CUDA the stock fused kernel is fast and used.
+Same distribution as ``F.dropout``: each element is kept with probability 1-p and scaled by
+1/(1-p). On CPU (float32) the fused kernels of `rl_agnostic.nn.native` draw the keep bit of
+element i as a hash of (seed, i), so backward regenerates the mask instead of storing it, and
+``gelu_dropout`` computes GELU, the mask and the scaling in the same loop (backward: GELU' too).
+The seed comes from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
+Large tensors are split in two halves run on two threads when torch may use two.
+
+Without the compiled kernels the mask is ``U >= p·2³²`` for U uniform 32-bit words from numpy's
+SFC64 (still ~4× faster than torch's CPU Bernoulli sampler), stored for backward. On CUDA the
+stock fused kernels are used.
 """
 
 from __future__ import annotations
+
+import atexit
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rl_agnostic.nn.native import kernels
+
+# Below this many elements a second thread costs more than it saves.
+SPLIT_MIN_ELEMENTS = 1 << 17
+_helper: ThreadPoolExecutor | None = None
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _threshold(p: float) -> int:
+    """Keep iff hash >= threshold: P(drop) = threshold / 2³² = p to 2⁻³²."""
+    return min(round(p * 2**32), 2**32 - 1)
+
+
+def _run(name: str, out: Tensor, *arrays: Tensor, seed: int, p: float) -> Tensor:
+    """Kernel ``name`` over contiguous float32 ``arrays`` (inputs) writing ``out``."""
+    global _helper
+    fn = getattr(kernels(), name)
+    ptrs = [a.data_ptr() for a in arrays] + [out.data_ptr()]
+    n, threshold, scale = out.numel(), _threshold(p), 1.0 / (1.0 - p)
+    if n < SPLIT_MIN_ELEMENTS or torch.get_num_threads() < 2:
+        fn(*ptrs, 0, n, seed, threshold, scale)
+        return out
+    if _helper is None:
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="rl_agnostic-dropout")
+        atexit.register(_helper.shutdown)
+    half = n // 2
+    # ctypes releases the GIL: the helper's half runs while this thread does the other.
+    other = _helper.submit(fn, *ptrs, half, n, seed, threshold, scale)
+    fn(*ptrs, 0, half, seed, threshold, scale)
+    other.result()
+    return out
+
+
+def _native(x: Tensor, p: float) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and p < 1.0
+            and not torch.compiler.is_compiling() and kernels() is not None)
+
+
+class _NativeDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        ctx.seed, ctx.p = _seed(), p
+        x = x.contiguous()
+        return _run("rla_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()  # same shape: index i is the same element as in forward
+        return _run("rla_dropout", torch.empty_like(grad), grad, seed=ctx.seed, p=ctx.p), None
+
+
+class _NativeGeluDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        ctx.seed, ctx.p = _seed(), p
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return _run("rla_gelu_dropout_backward", torch.empty_like(x), grad.contiguous(), x,
+                    seed=ctx.seed, p=ctx.p), None
+
 
 def keep_mask(shape: torch.Size, p: float) -> Tensor:
-    """float32 tensor of `shape`: 1/(1-p) with probability 1-p, else 0."""
+    """The fallback's mask: float32 tensor of `shape`, 1/(1-p) with probability 1-p, else 0."""
     n = int(np.prod(shape)) if len(shape) else 1
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]
+    bits = np.random.SFC64(_seed()).random_raw((n + 1) // 2).view(np.int32)[:n]
     # int32 view of uniform 32-bit words: P(bits < -2^31 + p·2^32) = p.
     keep = (bits >= np.int32(round(-(2**31) + p * 2**32))).view(np.uint8)
     # uint8 → float32 is ~10x faster in torch than bool → float32.
@@ -44,7 +120,16 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Drop-in for ``F.dropout(x, p, training)``."""
     if not training or p == 0.0:
         return x
+    if _native(x, p):
+        return _NativeDropout.apply(x, p)
     if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         # Under torch.compile, inductor generates its own fused RNG: keep the graph whole.
         return F.dropout(x, p, training)
     return _CpuDropout.apply(x, p)
+
+
+def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Drop-in for ``dropout(F.gelu(x), p, training)`` (exact, erf-based GELU)."""
+    if training and p > 0.0 and _native(x, p):
+        return _NativeGeluDropout.apply(x, p)
+    return dropout(F.gelu(x), p, training)

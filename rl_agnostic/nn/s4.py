@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.nn.config import Discretization, S4Init
-from rl_agnostic.nn.dropout import dropout
+from rl_agnostic.nn.dropout import dropout, gelu_dropout
 
 # Up to this length an explicit Toeplitz product beats the FFT: on 2 CPU cores torch's FFT
 # convolution (fwd+bwd, B=512, H=64) took 2.4x the Toeplitz bmm at L=100 and 2.2x at L=376.
@@ -269,7 +269,7 @@ class S4Layer(nn.Module):
         return conv_operator(kernel, device_type)
 
     def _mix(self, x: Tensor, y: Tensor) -> Tensor:
-        y = dropout(F.gelu(y), self.dropout, self.training)
+        y = gelu_dropout(y, self.dropout, self.training)
         y = F.glu(self.output_linear(y), dim=-1)
         return self.norm(x + dropout(y, self.dropout, self.training))
 
