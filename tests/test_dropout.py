@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rl_agnostic.nn.dropout import SPLIT_MIN_ELEMENTS, dropout, gelu_dropout, keep_mask
+from rl_agnostic.nn.dropout import dropout, gelu_dropout, keep_mask
 from rl_agnostic.nn.native import keep_freed_memory, kernels
 
 
@@ -79,16 +79,6 @@ def test_gelu_dropout_equals_gelu_then_the_same_mask_forward_and_backward():
     yt = gelu_dropout(xt, 0.2, training=True)
     torch.manual_seed(2)
     assert torch.equal(yt, gelu_dropout(xt.contiguous(), 0.2, training=True))
-
-
-@native
-def test_two_threads_draw_the_mask_one_thread_draws(monkeypatch):
-    x = torch.randn(3 * SPLIT_MIN_ELEMENTS + 5)
-    torch.manual_seed(4)
-    one = gelu_dropout(x, 0.1, training=True)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    torch.manual_seed(4)
-    assert torch.equal(gelu_dropout(x, 0.1, training=True), one)
 
 
 def test_without_the_kernels_the_numpy_path_gives_the_same_distribution(monkeypatch):

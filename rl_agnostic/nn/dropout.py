@@ -5,7 +5,8 @@ Same distribution as ``F.dropout``: each element is kept with probability 1-p an
 element i as a hash of (seed, i), so backward regenerates the mask instead of storing it, and
 ``gelu_dropout`` computes GELU, the mask and the scaling in the same loop (backward: GELU' too).
 The seed comes from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
-Large tensors are split in two halves run on two threads when torch may use two.
+The kernels run on the calling thread: a second thread splitting large tensors measured slower
+(it competes with torch's OpenMP worker, which spins between ops).
 
 Without the compiled kernels the mask is ``U >= p·2³²`` for U uniform 32-bit words from numpy's
 SFC64 (still ~4× faster than torch's CPU Bernoulli sampler), stored for backward. On CUDA the
@@ -14,19 +15,12 @@ stock fused kernels are used.
 
 from __future__ import annotations
 
-import atexit
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from rl_agnostic.nn.native import kernels
-
-# Below this many elements a second thread costs more than it saves.
-SPLIT_MIN_ELEMENTS = 1 << 17
-_helper: ThreadPoolExecutor | None = None
 
 
 def _seed() -> int:
@@ -40,21 +34,8 @@ def _threshold(p: float) -> int:
 
 def _run(name: str, out: Tensor, *arrays: Tensor, seed: int, p: float) -> Tensor:
     """Kernel ``name`` over contiguous float32 ``arrays`` (inputs) writing ``out``."""
-    global _helper
-    fn = getattr(kernels(), name)
-    ptrs = [a.data_ptr() for a in arrays] + [out.data_ptr()]
-    n, threshold, scale = out.numel(), _threshold(p), 1.0 / (1.0 - p)
-    if n < SPLIT_MIN_ELEMENTS or torch.get_num_threads() < 2:
-        fn(*ptrs, 0, n, seed, threshold, scale)
-        return out
-    if _helper is None:
-        _helper = ThreadPoolExecutor(1, thread_name_prefix="rl_agnostic-dropout")
-        atexit.register(_helper.shutdown)
-    half = n // 2
-    # ctypes releases the GIL: the helper's half runs while this thread does the other.
-    other = _helper.submit(fn, *ptrs, half, n, seed, threshold, scale)
-    fn(*ptrs, 0, half, seed, threshold, scale)
-    other.result()
+    getattr(kernels(), name)(*(a.data_ptr() for a in arrays), out.data_ptr(), 0, out.numel(),
+                             seed, _threshold(p), 1.0 / (1.0 - p))
     return out
 
 

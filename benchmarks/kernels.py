@@ -1,0 +1,89 @@
+"""Fused CPU kernels and allocator tuning on vs off, side by side (rl_agnostic/nn/native.py).
+
+Runs `benchmarks/network.py`'s PPO training row (minibatch 512, paper layer counts, dropout 0.1,
+separate actor and critic) in fresh processes, alternating "on" (the default) and "off"
+(RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0: numpy-mask dropout, torch GELU, glibc's
+default allocator) for several rounds, and reports the median samples/s of each and their ratio.
+Writes results/kernels.md and results/kernels.json.
+
+    python benchmarks/kernels.py                  # d_model 64: CartPole, HalfCheetah, Humanoid
+    python benchmarks/kernels.py --rows 256:CartPole --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "results"
+OFF = {"RL_AGNOSTIC_NATIVE": "0", "RL_AGNOSTIC_MALLOC_TUNING": "0"}
+
+
+def measure(d_model: int, env: str, seconds: float, off: bool) -> float:
+    cmd = [sys.executable, str(HERE / "network.py"), "--one", str(d_model), env,
+           "--seconds", str(seconds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env={**os.environ, **(OFF if off else {})})
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+    if out.returncode != 0 or not rows:
+        sys.exit(f"row d={d_model} {env} failed:\n{out.stderr[-3000:]}")
+    return json.loads(rows[0][4:])["train_samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=["64:CartPole", "64:HalfCheetah", "64:Humanoid"],
+                        help="D_MODEL:ENV rows (envs of benchmarks/network.py)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0, help="timing window per run")
+    args = parser.parse_args()
+
+    load = os.getloadavg()
+    table = []
+    for row in args.rows:
+        d, env = row.split(":")
+        runs: dict[str, list[float]] = {"on": [], "off": []}
+        for r in range(args.rounds):
+            order = ("on", "off") if r % 2 == 0 else ("off", "on")
+            for which in order:
+                runs[which].append(measure(int(d), env, args.seconds, which == "off"))
+            print(f"d{d} {env:<12} round {r + 1}: on {runs['on'][-1]:8.1f}  "
+                  f"off {runs['off'][-1]:8.1f} samples/s", flush=True)
+        on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
+        table.append({"d_model": int(d), "env": env, "on": on, "off": off, "speedup": on / off,
+                      "runs_on": runs["on"], "runs_off": runs["off"]})
+        print(f"d{d} {env:<12} median on {on:.1f}  off {off:.1f}  ×{on / off:.2f}", flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "kernels.json").write_text(json.dumps({"rows": table, "load_before": load},
+                                                     indent=2) + "\n")
+    lines = [
+        "# Fused CPU kernels and allocator tuning: on vs off",
+        "",
+        f"PPO training samples/s of `benchmarks/network.py` rows (minibatch 512, dropout 0.1), "
+        f"{args.rounds} alternating rounds of fresh processes, {args.seconds:g} s windows, "
+        f"medians; {os.cpu_count()} cores, load average before {load[0]:.2f}. *off* = "
+        "`RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0` (numpy-mask dropout, torch GELU, "
+        "glibc's default allocator).",
+        "",
+        "| d_model | env | on | off | speed-up | runs on | runs off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        lines.append(f"| {t['d_model']} | {t['env']} | {t['on']:.1f} | {t['off']:.1f} | "
+                     f"**{t['speedup']:.2f}×** | {', '.join(f'{v:.0f}' for v in t['runs_on'])} | "
+                     f"{', '.join(f'{v:.0f}' for v in t['runs_off'])} |")
+    lines += ["", "Reproduce: `python benchmarks/kernels.py` (writes this file and kernels.json)."]
+    (RESULTS / "kernels.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'kernels.md'}, kernels.json")
+
+
+if __name__ == "__main__":
+    main()
