@@ -67,11 +67,11 @@ def main() -> None:
     lines = [
         "# Fused CPU kernels and allocator tuning: on vs off",
         "",
-        f"PPO training samples/s of `benchmarks/network.py` rows (minibatch 512, dropout 0.1), "
-        f"{args.rounds} alternating rounds of fresh processes, {args.seconds:g} s windows, "
-        f"medians; {os.cpu_count()} cores, load average before {load[0]:.2f}. *off* = "
-        "`RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0` (numpy-mask dropout, torch GELU, "
-        "glibc's default allocator).",
+        (f"PPO training samples/s of `benchmarks/network.py` rows (minibatch 512, dropout 0.1), "
+         f"{args.rounds} alternating rounds of fresh processes, {args.seconds:g} s windows, "
+         f"medians; {os.cpu_count()} cores, load average before {load[0]:.2f}. *off* = "
+         "`RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0` (numpy-mask dropout, torch GELU, "
+         "glibc's default allocator)."),
         "",
         "| d_model | env | on | off | speed-up | runs on | runs off |",
         "|---|---|---|---|---|---|---|",
