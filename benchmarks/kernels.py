@@ -16,24 +16,20 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE.parent / "results"
+sys.path.insert(0, str(HERE))
+import network  # benchmarks/network.py: its training row, run in a fresh process
+
+RESULTS = network.RESULTS
 OFF = {"RL_AGNOSTIC_NATIVE": "0", "RL_AGNOSTIC_MALLOC_TUNING": "0"}
 
 
 def measure(d_model: int, env: str, seconds: float, off: bool) -> float:
-    cmd = [sys.executable, str(HERE / "network.py"), "--one", str(d_model), env,
-           "--seconds", str(seconds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         env={**os.environ, **(OFF if off else {})})
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-    if out.returncode != 0 or not rows:
-        sys.exit(f"row d={d_model} {env} failed:\n{out.stderr[-3000:]}")
-    return json.loads(rows[0][4:])["train_samples_per_s"]
+    row = network.measure_in_subprocess(d_model, env, seconds, extra_env=OFF if off else None)
+    return row["train_samples_per_s"]
 
 
 def main() -> None:

@@ -165,6 +165,19 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     }
 
 
+def measure_in_subprocess(d_model: int, env: str, seconds: float, minibatch: int = 512,
+                          max_activation: int = 2**21, extra_env: dict | None = None) -> dict:
+    """`run_one` in a fresh process (its own peak RSS; ``extra_env`` added to its environment)."""
+    cmd = [sys.executable, __file__, "--one", str(d_model), env, "--seconds", str(seconds),
+           "--minibatch", str(minibatch), "--max-activation", str(max_activation)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                         env={**os.environ, **(extra_env or {})})
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+    if out.returncode != 0 or not line:
+        sys.exit(f"benchmark row d={d_model} {env} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][4:])
+
+
 def param_counts() -> dict:
     from rl_agnostic.nn import build_actor_critic
     from rl_agnostic.nn.config import NetworkConfig
@@ -270,13 +283,7 @@ def main() -> None:
           f"{'RSS GB':>7}", flush=True)
     for d in d_models:
         for env in ENVS:
-            cmd = [sys.executable, __file__, "--one", str(d), env, "--seconds", str(seconds),
-                   "--minibatch", str(args.minibatch), "--max-activation", str(args.max_activation)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"benchmark row d={d} {env} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[0][4:])
+            r = measure_in_subprocess(d, env, seconds, args.minibatch, args.max_activation)
             rows.append(r)
             print(f"{d:>4} {env:<12} {r['train_samples_per_s']:>10.1f} {r['mfu']:>5.2f} "
                   f"{r['act_ms_b8']:>8.2f} {r['act_ms_b64']:>8.2f} {r['peak_rss_gb']:>7.2f}",
