@@ -52,50 +52,46 @@ static inline float normal_cdf(float x, float g) {
     return 0.5f + copysignf(half_erf_abs, x);
 }
 
-/* Runs the body (the variadic argument) for every global element index i in [start, end) with keep = 1/(1-p) if element
- * i survives, else 0 (a multiplier: no branch, so the loop vectorizes). The loop is split at multiples of 2³² so that the inner counter is 32-bit
- * (vectorizable); a range split among threads gives each element the same mask bit. */
-#define FOR_EACH_KEEP(start, end, seed, threshold, scale, ...)                             \
+/* Runs the body (the variadic argument) for every element index i in [0, n) with keep = 1/(1-p)
+ * if element i survives, else 0 (a multiplier: no branch, so the loop vectorizes). The loop is
+ * split at multiples of 2³² so that the inner counter is 32-bit (vectorizable). */
+#define FOR_EACH_KEEP(n, seed, threshold, scale, ...)                                      \
     do {                                                                                   \
         const uint32_t k0_ = (uint32_t)(seed), k1_ = (uint32_t)((uint64_t)(seed) >> 32);   \
         const float scale_ = (scale);                                                      \
-        for (int64_t b_ = (start); b_ < (end);) {                                          \
-            int64_t block_end_ = ((b_ >> 32) + 1) << 32;                                   \
-            if (block_end_ > (end)) block_end_ = (end);                                    \
+        for (int64_t b_ = 0; b_ < (n); b_ += (int64_t)1 << 32) {                           \
+            const int64_t rest_ = (n) - b_;                                                \
+            const uint32_t count_ = rest_ > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)rest_; \
             const uint32_t salt_ = k1_ + (uint32_t)(b_ >> 32) * 0x9E3779B9U;               \
-            const uint32_t lo_ = (uint32_t)b_, count_ = (uint32_t)(block_end_ - b_);       \
             _Pragma("omp simd")                                                            \
             for (uint32_t j_ = 0; j_ < count_; ++j_) {                                     \
                 const int64_t i = b_ + j_;                                                 \
                 const float keep = scale_                                                  \
-                    * (float)(mix32(mix32((lo_ + j_) ^ k0_) ^ salt_) >= (threshold));      \
+                    * (float)(mix32(mix32(j_ ^ k0_) ^ salt_) >= (threshold));              \
                 __VA_ARGS__;                                                               \
             }                                                                              \
-            b_ = block_end_;                                                               \
         }                                                                                  \
     } while (0)
 
-/* Each kernel works on the elements [start, end) of whole contiguous arrays. */
-
 /* y = x · keep / (1-p); also backward, with the same seed. */
-void rla_dropout(const float *x, float *y, int64_t start, int64_t end, uint64_t seed,
+void rla_dropout(const float *x, float *y, int64_t n, uint64_t seed,
                  uint32_t threshold, float scale) {
-    FOR_EACH_KEEP(start, end, seed, threshold, scale, y[i] = x[i] * keep);
+    FOR_EACH_KEEP(n, seed, threshold, scale, y[i] = x[i] * keep);
 }
 
 /* y = GELU(h) · keep / (1-p). */
-void rla_gelu_dropout(const float *h, float *y, int64_t start, int64_t end, uint64_t seed,
+void rla_gelu_dropout(const float *h, float *y, int64_t n, uint64_t seed,
                       uint32_t threshold, float scale) {
-    FOR_EACH_KEEP(start, end, seed, threshold, scale, {
+    FOR_EACH_KEEP(n, seed, threshold, scale, {
         const float x = h[i];
         y[i] = x * normal_cdf(x, gauss(x)) * keep;
     });
 }
 
 /* dh = dy · keep / (1-p) · GELU'(h). */
-void rla_gelu_dropout_backward(const float *dy, const float *h, float *dh, int64_t start,
-                               int64_t end, uint64_t seed, uint32_t threshold, float scale) {
-    FOR_EACH_KEEP(start, end, seed, threshold, scale, {
+void rla_gelu_dropout_backward(const float *dy, const float *h, float *dh, int64_t n,
+                               uint64_t seed, uint32_t threshold, float scale) {
+    FOR_EACH_KEEP(n, seed, threshold, scale, {
         const float x = h[i], g = gauss(x);
         dh[i] = dy[i] * keep * (normal_cdf(x, g) + x * 0.39894228040143268f * g);
     });

@@ -34,7 +34,7 @@ def _threshold(p: float) -> int:
 
 def _run(name: str, out: Tensor, *arrays: Tensor, seed: int, p: float) -> Tensor:
     """Kernel ``name`` over contiguous float32 ``arrays`` (inputs) writing ``out``."""
-    getattr(kernels(), name)(*(a.data_ptr() for a in arrays), out.data_ptr(), 0, out.numel(),
+    getattr(kernels(), name)(*(a.data_ptr() for a in arrays), out.data_ptr(), out.numel(),
                              seed, _threshold(p), 1.0 / (1.0 - p))
     return out
 

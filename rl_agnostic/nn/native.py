@@ -34,12 +34,12 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fope
          "-shared", "-std=gnu99"]
 
 _F32P = ctypes.c_void_p  # data_ptr() of a contiguous float32 tensor
-# Every kernel: arrays, then the element range [start, end), seed, keep threshold, 1/(1-p).
-_RANGE_AND_MASK = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+# Every kernel: arrays, then the element count, seed, keep threshold, 1/(1-p).
+_COUNT_AND_MASK = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
 _SIGNATURES = {
-    "rla_dropout": [_F32P, _F32P, *_RANGE_AND_MASK],
-    "rla_gelu_dropout": [_F32P, _F32P, *_RANGE_AND_MASK],
-    "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, *_RANGE_AND_MASK],
+    "rla_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
+    "rla_gelu_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
+    "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, *_COUNT_AND_MASK],
 }
 
 
