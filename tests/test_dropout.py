@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from rl_agnostic.nn.dropout import dropout, gelu_dropout, keep_mask
-from rl_agnostic.nn.native import keep_freed_memory, kernels
+from rl_agnostic.nn.native import keep_freed_memory, kernels, openmp_runtimes
+from rl_agnostic.nn.s4 import causal_conv
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -57,6 +58,31 @@ def test_native_dropout_keep_rate_scale_and_independent_bits(p):
     # Neighbouring elements and a second draw are independent: P(both kept) = (1-p)².
     for both in (kept[1:] & kept[:-1], kept & (dropout(x, p, training=True) != 0)):
         assert abs(both.float().mean().item() - (1 - p) ** 2) < 0.005
+
+
+@native
+def test_native_kernels_share_torchs_openmp_runtime_and_ignore_the_thread_count():
+    """One OpenMP runtime in the process (the kernels' threads are torch's), and the results do
+    not depend on how many threads split the work: the same dropout mask bit for bit, the same
+    convolution and input gradient, the kernel gradient (summed per thread) within rounding."""
+    assert len(openmp_runtimes()) <= 1
+    x = torch.randn(300_000)  # ~9 blocks of 2^15 elements
+    u, k, g = torch.randn(64, 12, 40), torch.randn(40, 12), torch.randn(64, 12, 40)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            uu, kk = u.clone().requires_grad_(), k.clone().requires_grad_()
+            y = causal_conv(uu, kk)
+            y.backward(g)
+            out.append((dropout(x, 0.3, training=True), y, uu.grad, kk.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1]) and torch.equal(out[0][2], out[1][2])
+    torch.testing.assert_close(out[0][3], out[1][3], atol=1e-5, rtol=1e-5)
 
 
 @native

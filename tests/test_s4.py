@@ -10,9 +10,13 @@ from _reference import randomize_norms, ssm_recurrence
 from rl_agnostic.nn import NetworkConfig
 from rl_agnostic.nn import s4
 from rl_agnostic.nn.agnostic import AgnosticActorCritic
+from rl_agnostic.nn.native import kernels
 from rl_agnostic.nn.s4 import S4DKernel, S4Layer, causal_conv, hippo_legs_diagonal
 
 H, N = 8, 16
+# The compiled direct-sum convolution (rl_agnostic.nn.native): needs the system C compiler.
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(kernels() is None,
+                                                        reason="no C compiler"))
 
 
 def toeplitz_max(device: str = "cpu") -> int:
@@ -22,7 +26,11 @@ def toeplitz_max(device: str = "cpu") -> int:
 
 
 def force_conv_path(monkeypatch, path: str) -> None:
-    """Route every causal_conv call through one path by moving the length threshold."""
+    """Route every causal_conv call through one path (``native``, ``toeplitz`` or ``fft``) by
+    moving the length thresholds."""
+    monkeypatch.setattr(s4, "NATIVE_CONV_MAX_LEN", 10**9 if path == "native" else 0)
+    if path == "native":
+        return
     value = 10**9 if path == "toeplitz" else 0
     limit = s4.TOEPLITZ_MAX_LEN
     if isinstance(limit, dict):
@@ -58,7 +66,8 @@ def step_outputs(layer: S4Layer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 @pytest.mark.parametrize("init", ["legs", "lin"])
 @pytest.mark.parametrize(("path", "length"),
-                         [("toeplitz", 1), ("toeplitz", 11), ("fft", 5), ("fft", 11), ("fft", 70)])
+                         [("toeplitz", 1), ("toeplitz", 11), ("fft", 5), ("fft", 11), ("fft", 70),
+                          (NATIVE, 1), (NATIVE, 11), (NATIVE, 40)])
 def test_convolution_equals_step_recurrence(discretization, init, path, length, monkeypatch):
     force_conv_path(monkeypatch, path)
     layer = make_layer(discretization, init)
@@ -87,7 +96,7 @@ def test_convolution_equals_step_recurrence_past_default_threshold(discretizatio
 
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 @pytest.mark.parametrize("init", ["legs", "lin"])
-@pytest.mark.parametrize(("path", "length"), [("toeplitz", 11), ("fft", 70)])
+@pytest.mark.parametrize(("path", "length"), [("toeplitz", 11), ("fft", 70), (NATIVE, 23)])
 def test_ssm_convolution_matches_docstring_recurrence(discretization, init, path, length,
                                                       monkeypatch):
     """K̄ * u + D u equals x_k = Ā x_{k-1} + B̄ u_k, y = 2 Re(C x) + D u computed in complex128
@@ -189,10 +198,41 @@ def test_causal_conv_paths_agree_with_naive_loop(length, monkeypatch):
     toeplitz = causal_conv(u, kernel)
     force_conv_path(monkeypatch, "fft")
     fft = causal_conv(u, kernel)
-    for y in (default, toeplitz, fft):
+    paths = [default, toeplitz, fft]
+    if kernels() is not None:
+        force_conv_path(monkeypatch, "native")
+        paths.append(causal_conv(u, kernel))
+    for y in paths:
         assert y.shape == u.shape
         torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(toeplitz, fft, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C compiler")
+@pytest.mark.parametrize(("length", "channels"), [(1, 8), (4, 64), (17, 40), (33, 96)])
+def test_native_conv_gradients_equal_autograd_of_toeplitz_path(length, channels, monkeypatch):
+    """The compiled kernel's backward (du and dK in one pass) equals autograd through the
+    Toeplitz product; ``channels`` covers the 32-channel register blocks and their tail."""
+    u = torch.randn(5, length, channels)
+    kernel = torch.randn(channels, length)
+    grad = torch.randn(5, length, channels)
+    results = []
+    for path in ("toeplitz", "native"):
+        force_conv_path(monkeypatch, path)
+        uu, kk = u.clone().requires_grad_(), kernel.clone().requires_grad_()
+        y = causal_conv(uu, kk)
+        y.backward(grad)
+        results.append((y, uu.grad, kk.grad))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # only the needed gradient: a kernel that needs none, an input that needs none
+    force_conv_path(monkeypatch, "native")
+    uu = u.clone().requires_grad_()
+    causal_conv(uu, kernel).backward(grad)
+    torch.testing.assert_close(uu.grad, results[0][1], atol=1e-5, rtol=1e-5)
+    kk = kernel.clone().requires_grad_()
+    causal_conv(u, kk).backward(grad)
+    torch.testing.assert_close(kk.grad, results[0][2], atol=1e-5, rtol=1e-5)
 
 
 def test_fft_path_is_exact_for_every_length(monkeypatch):

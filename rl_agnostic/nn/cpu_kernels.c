@@ -14,7 +14,11 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -53,21 +57,27 @@ static inline float normal_cdf(float x, float g) {
 }
 
 /* Runs the body (the variadic argument) for every element index i in [0, n) with keep = 1/(1-p)
- * if element i survives, else 0 (a multiplier: no branch, so the loop vectorizes). The loop is
- * split at multiples of 2³² so that the inner counter is 32-bit (vectorizable). */
+ * if element i survives, else 0 (a multiplier: no branch, so the loop vectorizes). Blocks of
+ * KEEP_BLOCK elements are shared among the OpenMP threads (the runtime torch itself uses, so the
+ * same threads: see native.py); a block never crosses a multiple of 2³², so its inner counter is
+ * 32-bit (vectorizable) and lo(i) = lo(start) + j. The mask does not depend on the thread count. */
+#define KEEP_BLOCK ((int64_t)1 << 15)
 #define FOR_EACH_KEEP(n, seed, threshold, scale, ...)                                      \
     do {                                                                                   \
         const uint32_t k0_ = (uint32_t)(seed), k1_ = (uint32_t)((uint64_t)(seed) >> 32);   \
         const float scale_ = (scale);                                                      \
-        for (int64_t b_ = 0; b_ < (n); b_ += (int64_t)1 << 32) {                           \
-            const int64_t rest_ = (n) - b_;                                                \
-            const uint32_t count_ = rest_ > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)rest_; \
-            const uint32_t salt_ = k1_ + (uint32_t)(b_ >> 32) * 0x9E3779B9U;               \
+        const int64_t blocks_ = ((n) + KEEP_BLOCK - 1) / KEEP_BLOCK;                       \
+        _Pragma("omp parallel for schedule(static) if (blocks_ > 1)")                      \
+        for (int64_t blk_ = 0; blk_ < blocks_; ++blk_) {                                   \
+            const int64_t start_ = blk_ * KEEP_BLOCK, rest_ = (n) - start_;                \
+            const uint32_t count_ = (uint32_t)(rest_ < KEEP_BLOCK ? rest_ : KEEP_BLOCK);   \
+            const uint32_t lo_ = (uint32_t)start_;                                         \
+            const uint32_t salt_ = k1_ + (uint32_t)(start_ >> 32) * 0x9E3779B9U;           \
             _Pragma("omp simd")                                                            \
             for (uint32_t j_ = 0; j_ < count_; ++j_) {                                     \
-                const int64_t i = b_ + j_;                                                 \
+                const int64_t i = start_ + j_;                                             \
                 const float keep = scale_                                                  \
-                    * (float)(mix32(mix32(j_ ^ k0_) ^ salt_) >= (threshold));              \
+                    * (float)(mix32(mix32((lo_ + j_) ^ k0_) ^ salt_) >= (threshold));      \
                 __VA_ARGS__;                                                               \
             }                                                                              \
         }                                                                                  \
@@ -95,4 +105,111 @@ void rla_gelu_dropout_backward(const float *dy, const float *h, float *dh, int64
         const float x = h[i], g = gauss(x);
         dh[i] = dy[i] * keep * (normal_cdf(x, g) + x * 0.39894228040143268f * g);
     });
+}
+
+/* Short causal convolutions along positions, channels last (the S4 layer's y = K̄ * u + D u on
+ * observation-length sequences): u, y (B, L, H) and the kernel k (L, H), lag-major, all contiguous.
+ *
+ *     y[b,i,c]  = Σ_{j≤i} k[i-j,c] · u[b,j,c]
+ *     du[b,j,c] = Σ_{i≥j} k[i-j,c] · dy[b,i,c]
+ *     dk[l,c]   = Σ_b Σ_{i≥l} dy[b,i,c] · u[b,i-l,c]
+ *
+ * Each output row is summed in a block of CONV_BLOCK channels held in registers (L(L+1)/2 FMAs per
+ * channel, no zeros of a Toeplitz matrix multiplied, no transposes of u to (H, L, B)). */
+#define CONV_BLOCK 32
+#define CONV_PARALLEL_WORK ((int64_t)1 << 18)  /* below: one thread (fork/join would dominate) */
+
+void rla_causal_conv(const float *restrict u, const float *restrict k, float *restrict y,
+                     int64_t batch, int64_t len, int64_t h) {
+    #pragma omp parallel for schedule(static) if (batch * len * len * h > CONV_PARALLEL_WORK)
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *ub = u + b * len * h;
+        float *yb = y + b * len * h;
+        for (int64_t i = 0; i < len; ++i) {
+            int64_t c0 = 0;
+            for (; c0 + CONV_BLOCK <= h; c0 += CONV_BLOCK) {
+                float acc[CONV_BLOCK] = {0};
+                for (int64_t j = 0; j <= i; ++j) {
+                    const float *kr = k + (i - j) * h + c0, *ur = ub + j * h + c0;
+                    for (int c = 0; c < CONV_BLOCK; ++c) acc[c] += kr[c] * ur[c];
+                }
+                memcpy(yb + i * h + c0, acc, sizeof acc);
+            }
+            for (int64_t c = c0; c < h; ++c) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j <= i; ++j) acc += k[(i - j) * h + c] * ub[j * h + c];
+                yb[i * h + c] = acc;
+            }
+        }
+    }
+}
+
+/* du and dk (either may be NULL); dk is overwritten. Threads take contiguous ranges of batch
+ * rows and sum dk in their own buffer; the buffers are added in thread order (deterministic for a
+ * given thread count). */
+static void causal_conv_backward_rows(const float *restrict dy, const float *restrict u,
+                                      const float *restrict k, float *restrict du,
+                                      float *restrict dk, int64_t b0, int64_t b1, int64_t len,
+                                      int64_t h) {
+    for (int64_t b = b0; b < b1; ++b) {
+        const float *gb = dy + b * len * h, *ub = u + b * len * h;
+        for (int64_t j = 0; j < len; ++j) {  /* j: an input position for du, a lag for dk */
+            int64_t c0 = 0;
+            for (; c0 + CONV_BLOCK <= h; c0 += CONV_BLOCK) {
+                float acc_u[CONV_BLOCK] = {0}, acc_k[CONV_BLOCK] = {0};
+                for (int64_t i = j; i < len; ++i) {
+                    const float *gr = gb + i * h + c0;
+                    const float *kr = k + (i - j) * h + c0, *ur = ub + (i - j) * h + c0;
+                    for (int c = 0; c < CONV_BLOCK; ++c) {
+                        acc_u[c] += kr[c] * gr[c];
+                        acc_k[c] += gr[c] * ur[c];
+                    }
+                }
+                if (du) memcpy(du + (b * len + j) * h + c0, acc_u, sizeof acc_u);
+                if (dk) for (int c = 0; c < CONV_BLOCK; ++c) dk[j * h + c0 + c] += acc_k[c];
+            }
+            for (int64_t c = c0; c < h; ++c) {
+                float acc_u = 0.0f, acc_k = 0.0f;
+                for (int64_t i = j; i < len; ++i) {
+                    acc_u += k[(i - j) * h + c] * gb[i * h + c];
+                    acc_k += gb[i * h + c] * ub[(i - j) * h + c];
+                }
+                if (du) du[(b * len + j) * h + c] = acc_u;
+                if (dk) dk[j * h + c] += acc_k;
+            }
+        }
+    }
+}
+
+void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
+                              const float *restrict k, float *restrict du, float *restrict dk,
+                              int64_t batch, int64_t len, int64_t h) {
+    const int64_t size = len * h;
+    int threads = 1;
+#ifdef _OPENMP
+    if (batch * len * len * h > CONV_PARALLEL_WORK) threads = omp_get_max_threads();
+    if (threads > batch) threads = (int)batch;
+#endif
+    float *partial = NULL;
+    if (dk && threads > 1) {
+        partial = calloc((size_t)((threads - 1) * size), sizeof(float));
+        if (!partial) threads = 1;
+    }
+    if (dk) memset(dk, 0, (size_t)size * sizeof(float));
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
+        float *mine = dk == NULL ? NULL : (t == 0 ? dk : partial + (t - 1) * size);
+        causal_conv_backward_rows(dy, u, k, du, mine, b0, b1, len, h);
+    }
+    if (partial) {
+        for (int t = 1; t < threads; ++t)
+            for (int64_t e = 0; e < size; ++e) dk[e] += partial[(t - 1) * size + e];
+        free(partial);
+    }
 }

@@ -5,8 +5,9 @@ Same distribution as ``F.dropout``: each element is kept with probability 1-p an
 element i as a hash of (seed, i), so backward regenerates the mask instead of storing it, and
 ``gelu_dropout`` computes GELU, the mask and the scaling in the same loop (backward: GELU' too).
 The seed comes from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
-The kernels run on the calling thread: a second thread splitting large tensors measured slower
-(it competes with torch's OpenMP worker, which spins between ops).
+The kernels split large tensors among torch's own OpenMP threads (`rl_agnostic.nn.native`); the
+mask of an element does not depend on the thread count. (A Python helper thread splitting them
+measured slower: it competed with torch's OpenMP worker, which spins between ops.)
 
 Without the compiled kernels the mask is ``U >= p·2³²`` for U uniform 32-bit words from numpy's
 SFC64 (still ~4× faster than torch's CPU Bernoulli sampler), stored for backward. On CUDA the

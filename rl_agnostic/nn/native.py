@@ -1,4 +1,5 @@
-"""Builds and loads `cpu_kernels.c`: fused dropout and GELU+dropout for CPU training.
+"""Builds and loads `cpu_kernels.c`: fused dropout, GELU+dropout and short causal convolutions
+for CPU training.
 
 Why our own kernels: with dropout 0.1 active, a training step of the agnostic network at
 d_model 64 spent a third of its time drawing, converting and applying dropout masks, and GELU's
@@ -7,8 +8,10 @@ is ~7 ns per element), and `torch.compile` of the network was not faster on this
 minutes to compile). The kernels are plain C (no torch headers): compiled once per machine with the
 system C compiler in well under a second, cached under ``$XDG_CACHE_HOME/rl_agnostic`` (key: source
 hash, compiler, CPU flags — a cache shared by different CPUs never loads code built for another),
-and called through ctypes, which releases the GIL. Without a compiler, or with
-``RL_AGNOSTIC_NATIVE=0``, `kernels()` returns None and callers use the torch/numpy path.
+and called through ctypes, which releases the GIL. Their loops run on torch's own OpenMP threads
+when the library can share torch's runtime (`OPENMP_FLAGS`), else on the calling thread. Without
+a compiler, or with ``RL_AGNOSTIC_NATIVE=0``, `kernels()` returns None and callers use the
+torch/numpy path.
 
 `keep_freed_memory` tunes glibc's allocator for the same reason: glibc returns every freed block
 above its (dynamic) mmap threshold to the OS, so each training step's activations (hundreds of KB
@@ -32,6 +35,14 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC",
          "-shared", "-std=gnu99"]
+# With OpenMP the kernels split their loops among threads. The library asks for `libgomp.so.1`,
+# the soname of the libgomp torch ships and has already loaded, so the loader binds it to torch's
+# runtime: the same threads (and thread count, `torch.set_num_threads`) as torch's own CPU ops,
+# which are spinning on the other cores between ops anyway. A second OpenMP runtime would make
+# the two thread pools fight for the cores: `kernels()` checks for it and then loads the
+# single-threaded build instead.
+OPENMP_FLAGS = ["-fopenmp"]
+_OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
 _F32P = ctypes.c_void_p  # data_ptr() of a contiguous float32 tensor
 # Every kernel: arrays, then the element count, seed, keep threshold, 1/(1-p).
@@ -40,6 +51,9 @@ _SIGNATURES = {
     "rla_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
     "rla_gelu_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
     "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, *_COUNT_AND_MASK],
+    # arrays, then batch, length, channels
+    "rla_causal_conv": [_F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
+    "rla_causal_conv_backward": [_F32P, _F32P, _F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
 }
 
 
@@ -57,9 +71,9 @@ def _cache_dir() -> Path:
     return Path(root) / "rl_agnostic"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(source + compiler.encode() + " ".join(flags).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"rl_agnostic_{os.getuid()}"):
         target = directory / f"cpu_kernels_{key}.so"
@@ -72,7 +86,7 @@ def _build(compiler: str) -> Path:
         except OSError:
             continue
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True,
                            capture_output=True, text=True, timeout=120)
             os.replace(tmp, target)  # atomic: concurrent builders (Ray actors) never see half a file
             return target
@@ -103,18 +117,40 @@ def keep_freed_memory() -> bool:
                 mallopt(_M_TOP_PAD, 64 << 20)])
 
 
+def openmp_runtimes() -> set[str]:
+    """Files of the OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    paths = {line.split()[-1] for line in maps.splitlines() if line.count("/")}
+    return {p for p in paths if Path(p).name.startswith(_OPENMP_RUNTIMES)}
+
+
 @lru_cache(maxsize=1)
 def kernels() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None when it cannot be built here."""
+    """The loaded kernel library (multi-threaded when it shares torch's OpenMP runtime), or None
+    when it cannot be built here."""
     if os.environ.get("RL_AGNOSTIC_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
+    import torch  # noqa: F401  (its OpenMP runtime must be loaded first; see OPENMP_FLAGS)
+
+    lib, error = None, None
+    before = openmp_runtimes()
+    for flags in ([*FLAGS, *OPENMP_FLAGS], FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, flags)))
+        except (OSError, subprocess.SubprocessError) as exc:
+            error = exc
+            continue
+        if flags is FLAGS or (before and len(openmp_runtimes()) == 1):
+            break
+        lib = None  # a second OpenMP runtime (or none to share): take the single-threaded build
+    if lib is None:
+        detail = getattr(error, "stderr", "") or error
         warnings.warn(f"rl_agnostic: fused CPU kernels unavailable, using the torch path ({detail})",
                       RuntimeWarning, stacklevel=2)
         return None
