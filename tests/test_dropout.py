@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rl_agnostic.nn.dropout import dropout, gelu_dropout, keep_mask
+from rl_agnostic.nn.dropout import add_dropout_layernorm, dropout, gelu_dropout, keep_mask
 from rl_agnostic.nn.native import keep_freed_memory, kernels, openmp_runtimes
 from rl_agnostic.nn.s4 import causal_conv
 
@@ -132,3 +132,34 @@ def test_freed_activation_memory_is_reused_without_page_faults():
         torch.ones(1 << 20).sum()
     # Without the tuning every 4 MB block is a fresh mapping: ~1,000 faults per iteration.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2_000
+
+
+@native
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("width", [7, 64])
+def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_backward(p, width):
+    """The fused post-norm residual equals F.layer_norm(x + z·keep/(1-p)) and its gradients, for
+    the keep mask it drew (read off dz: dropped elements get exactly 0); p=0 keeps everything."""
+    torch.manual_seed(2)
+    norm = torch.nn.LayerNorm(width)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(300, 5, width) * 2 + 1).requires_grad_(True)
+    z = torch.randn(300, 5, width).requires_grad_(True)
+    y = add_dropout_layernorm(x, z, norm, p, training=True)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    keep = (z.grad != 0).float()
+    assert abs(keep.mean().item() - (1 - p)) < 0.01
+    x2, z2 = x.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
+    w2 = norm.weight.detach().clone().requires_grad_(True)
+    b2 = norm.bias.detach().clone().requires_grad_(True)
+    ref = F.layer_norm(x2 + z2 * keep / (1 - p), (width,), w2, b2, norm.eps)
+    ref.backward(grad)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((x.grad, x2.grad), (z.grad, z2.grad), (norm.weight.grad, w2.grad),
+                      (norm.bias.grad, b2.grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # eval mode: no dropout, same as the module
+    torch.testing.assert_close(add_dropout_layernorm(x, z, norm, p, training=False),
+                               norm(x + z), atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.nn.config import NetworkConfig
-from rl_agnostic.nn.dropout import dropout
+from rl_agnostic.nn.dropout import add_dropout_layernorm
 from rl_agnostic.nn.s4 import S4Layer
 from rl_agnostic.nn.transformer import TransformerLayer
 
@@ -38,7 +38,7 @@ class BiGRULayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y, _ = self.gru(x)
-        return self.norm(x + dropout(y, self.dropout, self.training))
+        return add_dropout_layernorm(x, y, self.norm, self.dropout, self.training)
 
 
 class SequenceBlock(nn.Module):

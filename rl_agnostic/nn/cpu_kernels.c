@@ -213,3 +213,146 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
         free(partial);
     }
 }
+
+/* Post-norm residual: y = LayerNorm(x + dropout(z)) · γ + β over rows of h features (the last op
+ * of every S4, Bi-GRU and Transformer sublayer), one pass instead of dropout, add and LayerNorm.
+ *
+ *     s = x + z·keep/(1-p),  x̂ = (s - mean(s)) · rstd,  rstd = 1/sqrt(var(s) + eps),  y = x̂γ + β
+ *     backward (g = dy·γ):   ds = rstd·(g - mean(g) - x̂·mean(g·x̂)),  dx = ds,  dz = ds·keep/(1-p),
+ *                            dγ = Σ_rows dy·x̂,  dβ = Σ_rows dy
+ *
+ * keep of element i (< 2³² elements) = mix(mix(i ^ k0) ^ k1) >= threshold; threshold 0 = no dropout
+ * (every element kept, no hashing). Forward saves x̂ and rstd for backward. */
+static inline float keep_at(uint32_t i, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+    return scale * (float)(mix32(mix32(i ^ k0) ^ k1) >= threshold);
+}
+
+void rla_add_dropout_layernorm(const float *restrict x, const float *restrict z,
+                               const float *restrict gamma, const float *restrict beta,
+                               float *restrict y, float *restrict xhat, float *restrict rstd,
+                               int64_t rows, int64_t h, float eps, uint64_t seed,
+                               uint32_t threshold, float scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    #pragma omp parallel for schedule(static) if (rows * h >= KEEP_BLOCK)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * h, *zr = z + r * h;
+        float *sr = xhat + r * h;
+        const uint32_t base = (uint32_t)(r * h);
+        float sum = 0.0f;
+        if (threshold) {
+            #pragma omp simd reduction(+:sum)
+            for (int64_t c = 0; c < h; ++c) {
+                sr[c] = xr[c] + zr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
+                sum += sr[c];
+            }
+        } else {
+            #pragma omp simd reduction(+:sum)
+            for (int64_t c = 0; c < h; ++c) {
+                sr[c] = xr[c] + zr[c];
+                sum += sr[c];
+            }
+        }
+        const float mean = sum / (float)h;
+        float var = 0.0f;
+        #pragma omp simd reduction(+:var)
+        for (int64_t c = 0; c < h; ++c) {
+            const float d = sr[c] - mean;
+            var += d * d;
+        }
+        const float rs = 1.0f / sqrtf(var / (float)h + eps);
+        rstd[r] = rs;
+        float *yr = y + r * h;
+        #pragma omp simd
+        for (int64_t c = 0; c < h; ++c) {
+            const float n = (sr[c] - mean) * rs;
+            sr[c] = n;
+            yr[c] = n * gamma[c] + beta[c];
+        }
+    }
+}
+
+/* dx, dz (dz may be NULL: z needs no gradient) and dγ, dβ (overwritten; both or neither NULL). */
+static void add_dropout_layernorm_backward_rows(
+        const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
+        const float *restrict gamma, float *restrict dx, float *restrict dz,
+        float *restrict dgamma, float *restrict dbeta, int64_t r0, int64_t r1, int64_t h,
+        uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *gr = dy + r * h, *nr = xhat + r * h;
+        float sum_g = 0.0f, sum_gn = 0.0f;
+        #pragma omp simd reduction(+:sum_g, sum_gn)
+        for (int64_t c = 0; c < h; ++c) {
+            const float g = gr[c] * gamma[c];
+            sum_g += g;
+            sum_gn += g * nr[c];
+        }
+        const float mg = sum_g / (float)h, mgn = sum_gn / (float)h, rs = rstd[r];
+        float *dxr = dx + r * h;
+        #pragma omp simd
+        for (int64_t c = 0; c < h; ++c) dxr[c] = rs * (gr[c] * gamma[c] - mg - nr[c] * mgn);
+        if (dz) {
+            float *dzr = dz + r * h;
+            const uint32_t base = (uint32_t)(r * h);
+            if (threshold) {
+                #pragma omp simd
+                for (int64_t c = 0; c < h; ++c)
+                    dzr[c] = dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
+            } else {
+                memcpy(dzr, dxr, (size_t)h * sizeof(float));
+            }
+        }
+        if (dgamma) {
+            #pragma omp simd
+            for (int64_t c = 0; c < h; ++c) {
+                dgamma[c] += gr[c] * nr[c];
+                dbeta[c] += gr[c];
+            }
+        }
+    }
+}
+
+void rla_add_dropout_layernorm_backward(
+        const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
+        const float *restrict gamma, float *restrict dx, float *restrict dz,
+        float *restrict dgamma, float *restrict dbeta, int64_t rows, int64_t h, uint64_t seed,
+        uint32_t threshold, float scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    int threads = 1;
+#ifdef _OPENMP
+    if (rows * h >= KEEP_BLOCK) threads = omp_get_max_threads();
+    if (threads > rows) threads = (int)rows;
+#endif
+    float *partial = NULL;  /* threads 1…: their dγ then dβ */
+    if (dgamma && threads > 1) {
+        partial = calloc((size_t)((threads - 1) * 2 * h), sizeof(float));
+        if (!partial) threads = 1;
+    }
+    if (dgamma) {
+        memset(dgamma, 0, (size_t)h * sizeof(float));
+        memset(dbeta, 0, (size_t)h * sizeof(float));
+    }
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        float *dg = dgamma, *db = dbeta;
+        if (dgamma && t > 0) {
+            dg = partial + (t - 1) * 2 * h;
+            db = dg + h;
+        }
+        add_dropout_layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dz, dg, db,
+                                            rows * t / n, rows * (t + 1) / n, h, k0, k1,
+                                            threshold, scale);
+    }
+    if (partial) {
+        for (int t = 1; t < threads; ++t)
+            for (int64_t c = 0; c < h; ++c) {
+                dgamma[c] += partial[(t - 1) * 2 * h + c];
+                dbeta[c] += partial[(t - 1) * 2 * h + h + c];
+            }
+        free(partial);
+    }
+}

@@ -1,4 +1,5 @@
-r"""Dropout for CPU training, and GELU followed by dropout, each one pass over memory.
+r"""Dropout for CPU training, GELU followed by dropout, and the post-norm residual
+LayerNorm(x + dropout(z)), each one pass over memory.
 
 Same distribution as ``F.dropout``: each element is kept with probability 1-p and scaled by
 1/(1-p). On CPU (float32) the fused kernels of `rl_agnostic.nn.native` draw the keep bit of
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from rl_agnostic.nn.native import kernels
 
@@ -115,3 +116,50 @@ def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if training and p > 0.0 and _native(x, p):
         return _NativeGeluDropout.apply(x, p)
     return dropout(F.gelu(x), p, training)
+
+
+class _NativeAddDropoutLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p: float,  # type: ignore[override]
+                eps: float) -> Tensor:
+        x, z = x.contiguous(), z.contiguous()
+        h = x.shape[-1]
+        rows = x.numel() // h
+        y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
+        ctx.seed, ctx.p = (_seed() if p > 0.0 else 0), p
+        kernels().rla_add_dropout_layernorm(
+            x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+            xhat.data_ptr(), rstd.data_ptr(), rows, h, eps, ctx.seed, _threshold(p),
+            1.0 / (1.0 - p))
+        ctx.save_for_backward(xhat, rstd, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xhat, rstd, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_z, need_w, need_b = ctx.needs_input_grad[:4]
+        dx = torch.empty_like(xhat)
+        dz = torch.empty_like(xhat) if need_z else None
+        dw = torch.empty_like(weight) if need_w or need_b else None
+        db = torch.empty_like(weight) if need_w or need_b else None
+        h = xhat.shape[-1]
+        kernels().rla_add_dropout_layernorm_backward(
+            grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(), dx.data_ptr(),
+            None if dz is None else dz.data_ptr(), None if dw is None else dw.data_ptr(),
+            None if db is None else db.data_ptr(), xhat.numel() // h, h, ctx.seed,
+            _threshold(ctx.p), 1.0 / (1.0 - ctx.p))
+        return (dx if need_x else None, dz, dw if need_w else None, db if need_b else None,
+                None, None)
+
+
+def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float,
+                          training: bool) -> Tensor:
+    """Drop-in for ``norm(x + dropout(z, p, training))``, the post-norm residual."""
+    p = p if training else 0.0
+    if (_native(x, p) and z.shape == x.shape and z.dtype == x.dtype and x.numel() < 2**32
+            and norm.weight is not None and norm.bias is not None
+            and norm.normalized_shape == (x.shape[-1],)):
+        return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps)
+    return norm(x + dropout(z, p, training))

@@ -1,5 +1,5 @@
-"""Builds and loads `cpu_kernels.c`: fused dropout, GELU+dropout and short causal convolutions
-for CPU training.
+"""Builds and loads `cpu_kernels.c`: fused dropout, GELU+dropout, residual add + dropout +
+LayerNorm and short causal convolutions for CPU training.
 
 Why our own kernels: with dropout 0.1 active, a training step of the agnostic network at
 d_model 64 spent a third of its time drawing, converting and applying dropout masks, and GELU's
@@ -51,6 +51,11 @@ _SIGNATURES = {
     "rla_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
     "rla_gelu_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
     "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, *_COUNT_AND_MASK],
+    # arrays, then rows, features, eps, then seed, keep threshold, 1/(1-p)
+    "rla_add_dropout_layernorm": [*[_F32P] * 7, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                  *_COUNT_AND_MASK[1:]],
+    "rla_add_dropout_layernorm_backward": [*[_F32P] * 8, ctypes.c_int64, ctypes.c_int64,
+                                           *_COUNT_AND_MASK[1:]],
     # arrays, then batch, length, channels
     "rla_causal_conv": [_F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
     "rla_causal_conv_backward": [_F32P, _F32P, _F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],

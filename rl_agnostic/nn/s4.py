@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.nn.config import Discretization, S4Init
-from rl_agnostic.nn.dropout import dropout, gelu_dropout
+from rl_agnostic.nn.dropout import add_dropout_layernorm, gelu_dropout
 from rl_agnostic.nn.native import kernels
 
 # Up to this length an explicit Toeplitz product beats the FFT: on 2 CPU cores torch's FFT
@@ -316,7 +316,7 @@ class S4Layer(nn.Module):
     def _mix(self, x: Tensor, y: Tensor) -> Tensor:
         y = gelu_dropout(y, self.dropout, self.training)
         y = F.glu(self.output_linear(y), dim=-1)
-        return self.norm(x + dropout(y, self.dropout, self.training))
+        return add_dropout_layernorm(x, y, self.norm, self.dropout, self.training)
 
     def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Recurrent form for one position: x (B, H), state complex (B, H, N/2) or None."""

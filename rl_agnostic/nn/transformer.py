@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rl_agnostic.nn.dropout import dropout, gelu_dropout
+from rl_agnostic.nn.dropout import add_dropout_layernorm, dropout, gelu_dropout
 
 _FUSED_INFERENCE = hasattr(torch, "_transformer_encoder_layer_fwd")
 
@@ -59,9 +59,9 @@ class TransformerLayer(nn.Module):
             mask = None if valid is None else valid[:, None, None, :]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(b, length, h)
-        x = self.norm1(x + dropout(self.out_proj(a), p, self.training))
+        x = add_dropout_layernorm(x, self.out_proj(a), self.norm1, p, self.training)
         f = self.linear2(gelu_dropout(self.linear1(x), p, self.training))
-        return self.norm2(x + dropout(f, p, self.training))
+        return add_dropout_layernorm(x, f, self.norm2, p, self.training)
 
     def _attention_with_dropout(self, qkv: Tensor, p: float, valid: Tensor | None) -> Tensor:
         b, length, h3 = qkv.shape
