@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rl_agnostic.nn.dropout import add_dropout_layernorm, dropout, gelu_dropout, keep_mask
+from rl_agnostic.nn.dropout import (
+    add_dropout_layernorm,
+    dropout,
+    gelu_dropout,
+    keep_mask,
+)
 from rl_agnostic.nn.native import keep_freed_memory, kernels, openmp_runtimes
 from rl_agnostic.nn.s4 import causal_conv
 
