@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _reference import actor_reference, randomize_norms, value_reference
+
 from rl_agnostic.nn import AgnosticActorCritic, EnvSpec, NetworkConfig
-from rl_agnostic.nn.transformer import TransformerLayer
+from rl_agnostic.nn.native import kernels
+from rl_agnostic.nn.transformer import TransformerLayer, _NativeAttention
 
 DISCRETE = EnvSpec("CartPole-v1", 4, "discrete", 3)
 # obs_dim 600 is past every TOEPLITZ_MAX_LEN setting: the encoder takes the FFT path.
@@ -27,6 +28,63 @@ def test_transformer_layer_equals_torch_reference(n_heads, grad):
     with torch.set_grad_enabled(grad):  # no_grad + eval: the layer's fused inference path
         y = layer(x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [3, 20])
+def test_transformer_layer_training_step_equals_torch_reference(length):
+    """Training mode without dropout (one head, short sequences: the compiled attention and
+    residual-LayerNorm kernels on CPU) gives torch's outputs and parameter gradients."""
+    layer = TransformerLayer(16, 1, 24, dropout=0.0).train()
+    randomize_norms(layer)
+    ref = layer.to_reference()
+    x = torch.randn(5, length, 16)
+    grad = torch.randn(5, length, 16)
+    y, y_ref = layer(x), ref(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(layer.in_proj.weight.grad, ref.self_attn.in_proj_weight.grad,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.norm1.weight.grad, ref.norm1.weight.grad,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.linear2.weight.grad, ref.linear2.weight.grad,
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C compiler")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_attention_equals_softmax_attention_with_its_dropout_mask(p, masked):
+    """The compiled attention: softmax(QKᵀ/√H) over the valid keys, dropout on the weights, times
+    V, and the packed projection's gradient. V's rows are set to unit vectors e_j, so output
+    channel j of row i is the kept weight w_ij·keep_ij/(1-p): that reveals the drawn mask."""
+    torch.manual_seed(4)
+    b, length, h = 40, 9, 16
+    qkv = torch.randn(b, length, 3 * h)
+    qkv[..., 2 * h:] = torch.eye(length, h)
+    qkv.requires_grad_(True)
+    valid = (torch.rand(b, length) < 0.7) if masked else None
+    if masked:
+        valid[:, 0] = True
+    a = _NativeAttention.apply(qkv, valid, p)
+    grad = torch.randn_like(a)
+    a.backward(grad)
+
+    ref_qkv = qkv.detach().clone().requires_grad_(True)
+    q, k, v = ref_qkv.split(h, dim=-1)
+    scores = q @ k.transpose(-1, -2) / h ** 0.5
+    if masked:
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    w = torch.softmax(scores, dim=-1)
+    kept = a.detach()[..., :length] * (1 - p)
+    keep = torch.where(w.detach() > 0, (kept / w.detach().clamp(min=1e-30)).round(),
+                       torch.ones_like(kept))
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert abs(keep[w > 0].mean().item() - (1 - p)) < 0.05
+    ref = (w * keep / (1 - p)) @ v
+    ref.backward(grad)
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(qkv.grad, ref_qkv.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_transformer_reference_follows_training_mode():

@@ -356,3 +356,140 @@ void rla_add_dropout_layernorm_backward(
         free(partial);
     }
 }
+
+/* Single-head self-attention with dropout on the attention weights, for short sequences (the
+ * observation and action lengths of the agnostic network), read from and written to the packed
+ * projection qkv (B, L, 3H) = [Q | K | V] so that no split, transpose or concatenation is needed:
+ *
+ *     w_ij = softmax_j(scale · q_i·k_j)  (keys with valid[b, j] = 0 excluded),
+ *     a_i  = Σ_j w_ij keep_ij v_j
+ *     backward: dv_j = Σ_i w_ij keep_ij da_i,  dw_ij = keep_ij da_i·v_j,
+ *               ds_ij = w_ij (dw_ij - Σ_k w_ik dw_ik),  dq_i = scale Σ_j ds_ij k_j,
+ *               dk_j = scale Σ_i ds_ij q_i
+ *
+ * keep_ij of element (b, i, j) as in `keep_at` (threshold 0: no dropout). Forward saves w (B, L, L).
+ * One batch row per task: its L×L weights stay in L1. */
+#define ATTN_MAX_LEN 64
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
+    return acc;
+}
+
+/* out[r] = a · rows[r] for the (len, stride) row matrix; four rows per pass over a. */
+static inline void dots(const float *restrict a, const float *restrict rows, int64_t stride,
+                        int64_t len, int64_t n, float *restrict out) {
+    int64_t r = 0;
+    for (; r + 4 <= len; r += 4) {
+        const float *b0 = rows + r * stride, *b1 = b0 + stride, *b2 = b1 + stride, *b3 = b2 + stride;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        #pragma omp simd reduction(+:s0, s1, s2, s3)
+        for (int64_t c = 0; c < n; ++c) {
+            s0 += a[c] * b0[c];
+            s1 += a[c] * b1[c];
+            s2 += a[c] * b2[c];
+            s3 += a[c] * b3[c];
+        }
+        out[r] = s0, out[r + 1] = s1, out[r + 2] = s2, out[r + 3] = s3;
+    }
+    for (; r < len; ++r) out[r] = dot(a, rows + r * stride, n);
+}
+
+/* y[i] (+)= Σ_j coef[i·ci + j·cj] rows[j] for i < len_i, j < len_j: the (len_i × len_j) @
+ * (len_j × n) product of a small coefficient matrix (any strides: pass the transpose by swapping
+ * ci and cj) with rows of a (stride-spaced) matrix, summed over j in registers, CONV_BLOCK
+ * channels at a time. */
+static void small_matmul(const float *restrict coef, int64_t ci, int64_t cj, int64_t len_i,
+                         int64_t len_j, const float *restrict rows, int64_t stride,
+                         float *restrict y, int64_t y_stride, int64_t n, int accumulate) {
+    for (int64_t i = 0; i < len_i; ++i) {
+        float *yi = y + i * y_stride;
+        int64_t c0 = 0;
+        for (; c0 + CONV_BLOCK <= n; c0 += CONV_BLOCK) {
+            float acc[CONV_BLOCK] = {0};
+            for (int64_t j = 0; j < len_j; ++j) {
+                const float w = coef[i * ci + j * cj];
+                const float *r = rows + j * stride + c0;
+                for (int c = 0; c < CONV_BLOCK; ++c) acc[c] += w * r[c];
+            }
+            if (accumulate) for (int c = 0; c < CONV_BLOCK; ++c) yi[c0 + c] += acc[c];
+            else memcpy(yi + c0, acc, sizeof acc);
+        }
+        for (int64_t c = c0; c < n; ++c) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < len_j; ++j) acc += coef[i * ci + j * cj] * rows[j * stride + c];
+            yi[c] = accumulate ? yi[c] + acc : acc;
+        }
+    }
+}
+
+void rla_attention(const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
+                   float *restrict weights, int64_t batch, int64_t len, int64_t h, float scale,
+                   uint64_t seed, uint32_t threshold, float keep_scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const int64_t row = 3 * h;
+    #pragma omp parallel for schedule(static) if (batch * len * len * h > CONV_PARALLEL_WORK)
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *base = qkv + b * len * row;
+        const uint8_t *vb = valid ? valid + b * len : NULL;
+        float kept[ATTN_MAX_LEN * ATTN_MAX_LEN];  /* w_ij keep_ij */
+        for (int64_t i = 0; i < len; ++i) {
+            float *w = weights + (b * len + i) * len;
+            dots(base + i * row, base + h, row, len, h, w);
+            float top = -INFINITY;
+            for (int64_t j = 0; j < len; ++j) {
+                w[j] = (vb && !vb[j]) ? -INFINITY : scale * w[j];
+                top = w[j] > top ? w[j] : top;
+            }
+            float total = 0.0f;
+            for (int64_t j = 0; j < len; ++j) {
+                w[j] = top == -INFINITY ? 0.0f : expf(w[j] - top);
+                total += w[j];
+            }
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            const uint32_t idx = (uint32_t)((b * len + i) * len);
+            for (int64_t j = 0; j < len; ++j) {
+                w[j] *= inv;
+                kept[i * len + j] = threshold
+                    ? w[j] * keep_at(idx + (uint32_t)j, k0, k1, threshold, keep_scale) : w[j];
+            }
+        }
+        small_matmul(kept, len, 1, len, len, base + 2 * h, row, out + b * len * h, h, h, 0);
+    }
+}
+
+void rla_attention_backward(const float *restrict qkv, const float *restrict weights,
+                            const float *restrict dout, float *restrict dqkv, int64_t batch,
+                            int64_t len, int64_t h, float scale, uint64_t seed, uint32_t threshold,
+                            float keep_scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const int64_t row = 3 * h;
+    #pragma omp parallel for schedule(static) if (batch * len * len * h > CONV_PARALLEL_WORK)
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *base = qkv + b * len * row, *da = dout + b * len * h;
+        const float *wb = weights + b * len * len;
+        float *dbase = dqkv + b * len * row;
+        float kept[ATTN_MAX_LEN * ATTN_MAX_LEN], ds[ATTN_MAX_LEN * ATTN_MAX_LEN];
+        for (int64_t i = 0; i < len; ++i) {
+            const float *w = wb + i * len;
+            const uint32_t idx = (uint32_t)((b * len + i) * len);
+            float *dsi = ds + i * len;
+            dots(da + i * h, base + 2 * h, row, len, h, dsi);  /* da_i · v_j */
+            float wdw = 0.0f;
+            for (int64_t j = 0; j < len; ++j) {
+                const float keep = threshold
+                    ? keep_at(idx + (uint32_t)j, k0, k1, threshold, keep_scale) : 1.0f;
+                kept[i * len + j] = w[j] * keep;
+                dsi[j] *= keep;  /* dw_ij */
+                wdw += w[j] * dsi[j];
+            }
+            for (int64_t j = 0; j < len; ++j) dsi[j] = scale * w[j] * (dsi[j] - wdw);
+        }
+        /* dq = ds K, dk = dsᵀ Q, dv = keptᵀ dA: each (L×L) @ (L×H) */
+        small_matmul(ds, len, 1, len, len, base + h, row, dbase, row, h, 0);
+        small_matmul(ds, 1, len, len, len, base, row, dbase + h, row, h, 0);
+        small_matmul(kept, 1, len, len, len, da, h, dbase + 2 * h, row, h, 0);
+    }
+}

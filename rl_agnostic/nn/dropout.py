@@ -25,23 +25,26 @@ from torch import Tensor, nn
 from rl_agnostic.nn.native import kernels
 
 
-def _seed() -> int:
+def draw_seed() -> int:
+    """A mask seed from torch's default generator (so ``torch.manual_seed`` fixes the masks)."""
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def _threshold(p: float) -> int:
-    """Keep iff hash >= threshold: P(drop) = threshold / 2³² = p to 2⁻³²."""
-    return min(round(p * 2**32), 2**32 - 1)
+def mask_args(seed: int, p: float) -> tuple[int, int, float]:
+    """The kernels' last three arguments: seed, keep threshold (keep iff hash >= threshold:
+    P(drop) = threshold / 2³² = p to 2⁻³²; 0 keeps every element) and 1/(1-p)."""
+    return seed, min(round(p * 2**32), 2**32 - 1), 1.0 / (1.0 - p)
 
 
 def _run(name: str, out: Tensor, *arrays: Tensor, seed: int, p: float) -> Tensor:
     """Kernel ``name`` over contiguous float32 ``arrays`` (inputs) writing ``out``."""
     getattr(kernels(), name)(*(a.data_ptr() for a in arrays), out.data_ptr(), out.numel(),
-                             seed, _threshold(p), 1.0 / (1.0 - p))
+                             *mask_args(seed, p))
     return out
 
 
-def _native(x: Tensor, p: float) -> bool:
+def use_native(x: Tensor, p: float) -> bool:
+    """Whether the compiled kernels serve ``x`` (CPU float32, outside torch.compile) at rate p."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and p < 1.0
             and not torch.compiler.is_compiling() and kernels() is not None)
 
@@ -49,7 +52,7 @@ def _native(x: Tensor, p: float) -> bool:
 class _NativeDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        ctx.seed, ctx.p = _seed(), p
+        ctx.seed, ctx.p = draw_seed(), p
         x = x.contiguous()
         return _run("rla_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
 
@@ -63,7 +66,7 @@ class _NativeDropout(torch.autograd.Function):
 class _NativeGeluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        ctx.seed, ctx.p = _seed(), p
+        ctx.seed, ctx.p = draw_seed(), p
         x = x.contiguous()
         ctx.save_for_backward(x)
         return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
@@ -79,7 +82,7 @@ class _NativeGeluDropout(torch.autograd.Function):
 def keep_mask(shape: torch.Size, p: float) -> Tensor:
     """The fallback's mask: float32 tensor of `shape`, 1/(1-p) with probability 1-p, else 0."""
     n = int(np.prod(shape)) if len(shape) else 1
-    bits = np.random.SFC64(_seed()).random_raw((n + 1) // 2).view(np.int32)[:n]
+    bits = np.random.SFC64(draw_seed()).random_raw((n + 1) // 2).view(np.int32)[:n]
     # int32 view of uniform 32-bit words: P(bits < -2^31 + p·2^32) = p.
     keep = (bits >= np.int32(round(-(2**31) + p * 2**32))).view(np.uint8)
     # uint8 → float32 is ~10x faster in torch than bool → float32.
@@ -103,7 +106,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Drop-in for ``F.dropout(x, p, training)``."""
     if not training or p == 0.0:
         return x
-    if _native(x, p):
+    if use_native(x, p):
         return _NativeDropout.apply(x, p)
     if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         # Under torch.compile, inductor generates its own fused RNG: keep the graph whole.
@@ -113,7 +116,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Drop-in for ``dropout(F.gelu(x), p, training)`` (exact, erf-based GELU)."""
-    if training and p > 0.0 and _native(x, p):
+    if training and p > 0.0 and use_native(x, p):
         return _NativeGeluDropout.apply(x, p)
     return dropout(F.gelu(x), p, training)
 
@@ -126,11 +129,10 @@ class _NativeAddDropoutLayerNorm(torch.autograd.Function):
         h = x.shape[-1]
         rows = x.numel() // h
         y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
-        ctx.seed, ctx.p = (_seed() if p > 0.0 else 0), p
+        ctx.seed, ctx.p = (draw_seed() if p > 0.0 else 0), p
         kernels().rla_add_dropout_layernorm(
             x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-            xhat.data_ptr(), rstd.data_ptr(), rows, h, eps, ctx.seed, _threshold(p),
-            1.0 / (1.0 - p))
+            xhat.data_ptr(), rstd.data_ptr(), rows, h, eps, *mask_args(ctx.seed, p))
         ctx.save_for_backward(xhat, rstd, weight)
         return y
 
@@ -148,8 +150,8 @@ class _NativeAddDropoutLayerNorm(torch.autograd.Function):
         kernels().rla_add_dropout_layernorm_backward(
             grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(), dx.data_ptr(),
             None if dz is None else dz.data_ptr(), None if dw is None else dw.data_ptr(),
-            None if db is None else db.data_ptr(), xhat.numel() // h, h, ctx.seed,
-            _threshold(ctx.p), 1.0 / (1.0 - ctx.p))
+            None if db is None else db.data_ptr(), xhat.numel() // h, h,
+            *mask_args(ctx.seed, ctx.p))
         return (dx if need_x else None, dz, dw if need_w else None, db if need_b else None,
                 None, None)
 
@@ -158,7 +160,7 @@ def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float,
                           training: bool) -> Tensor:
     """Drop-in for ``norm(x + dropout(z, p, training))``, the post-norm residual."""
     p = p if training else 0.0
-    if (_native(x, p) and z.shape == x.shape and z.dtype == x.dtype and x.numel() < 2**32
+    if (use_native(x, p) and z.shape == x.shape and z.dtype == x.dtype and x.numel() < 2**32
             and norm.weight is not None and norm.bias is not None
             and norm.normalized_shape == (x.shape[-1],)):
         return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps)

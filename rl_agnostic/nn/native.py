@@ -56,6 +56,11 @@ _SIGNATURES = {
                                   *_COUNT_AND_MASK[1:]],
     "rla_add_dropout_layernorm_backward": [*[_F32P] * 8, ctypes.c_int64, ctypes.c_int64,
                                            *_COUNT_AND_MASK[1:]],
+    # arrays, then batch, length, channels, scale, then seed, keep threshold, 1/(1-p)
+    "rla_attention": [*[_F32P] * 4, *[ctypes.c_int64] * 3, ctypes.c_float,
+                      *_COUNT_AND_MASK[1:]],
+    "rla_attention_backward": [*[_F32P] * 4, *[ctypes.c_int64] * 3, ctypes.c_float,
+                               *_COUNT_AND_MASK[1:]],
     # arrays, then batch, length, channels
     "rla_causal_conv": [_F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
     "rla_causal_conv_backward": [_F32P, _F32P, _F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
