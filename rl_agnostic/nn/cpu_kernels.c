@@ -493,3 +493,146 @@ void rla_attention_backward(const float *restrict qkv, const float *restrict wei
         small_matmul(kept, 1, len, len, len, da, h, dbase + 2 * h, row, h, 0);
     }
 }
+
+#define SSM_MODES 64  /* modes per pass: N/2 ≤ 64 in registers/L1 */
+
+/* The whole S4D kernel K̄ (H, L) from the layer's parameters, forward and backward, so that the
+ * discretization's dozens of tiny (H, N/2) tensor ops (each paying torch's per-op overhead, and
+ * its complex kernels are scalar) become one loop per channel:
+ *
+ *     Δ = exp(log_dt),  A = -exp(log_A_real) + i·A_imag,  u = ΔA
+ *     bilinear:  Ā = (1 + u/2) / (1 - u/2),   B̄ = Δ·B / (1 - u/2)
+ *     zoh:       Ā = exp(u),                  B̄ = (exp(u) - 1) / A · B
+ *     K̄_l = 2 Re Σ_n C_n B̄_n Ā_n^l   (Ā^l by recurrence)
+ *
+ * Backward: the kernel's gradient gives g_Ā = Σ_l 2 dK_l conj(l C B̄ Ā^(l-1)) and
+ * g_CB = Σ_l 2 dK_l conj(Ā^l) (g_z = ∂L/∂Re z + i ∂L/∂Im z; for w = f(z) holomorphic,
+ * g_z = conj(f'(z)) g_w), then the chain rule through the formulas above. B and C are (H, N/2)
+ * complex as interleaved (re, im) float pairs, log_dt (H), log_A_real and A_imag (H, N/2). */
+#include <complex.h>
+
+typedef float complex cfloat;
+
+static inline void ssm_discretize(int zoh, float dt, float log_a_re, float a_im, cfloat b,
+                                  cfloat *a_bar, cfloat *b_bar) {
+    const cfloat a = -expf(log_a_re) + I * a_im, u = dt * a;
+    if (zoh) {
+        const cfloat e = cexpf(u);
+        *a_bar = e;
+        *b_bar = (e - 1.0f) / a * b;
+    } else {
+        const cfloat m = 1.0f - 0.5f * u;
+        *a_bar = (1.0f + 0.5f * u) / m;
+        *b_bar = dt * b / m;
+    }
+}
+
+void rla_ssm_full_kernel(const float *restrict log_dt, const float *restrict log_a_re,
+                         const float *restrict a_im, const float *restrict b_pairs,
+                         const float *restrict c_pairs, float *restrict kernel, int64_t h,
+                         int64_t modes, int64_t len, int64_t zoh) {
+    const cfloat *B = (const cfloat *)b_pairs, *C = (const cfloat *)c_pairs;
+    #pragma omp parallel for schedule(static) if (h * modes * len > CONV_PARALLEL_WORK)
+    for (int64_t c = 0; c < h; ++c) {
+        float *kc = kernel + c * len;
+        for (int64_t l = 0; l < len; ++l) kc[l] = 0.0f;
+        const float dt = expf(log_dt[c]);
+        for (int64_t n0 = 0; n0 < modes; n0 += SSM_MODES) {
+            const int64_t m = modes - n0 < SSM_MODES ? modes - n0 : SSM_MODES;
+            float ar[SSM_MODES], ai[SSM_MODES], zr[SSM_MODES], zi[SSM_MODES];
+            for (int64_t n = 0; n < m; ++n) {
+                const int64_t k = c * modes + n0 + n;
+                cfloat a_bar, b_bar;
+                ssm_discretize((int)zoh, dt, log_a_re[k], a_im[k], B[k], &a_bar, &b_bar);
+                const cfloat z = C[k] * b_bar;
+                ar[n] = crealf(a_bar), ai[n] = cimagf(a_bar), zr[n] = crealf(z), zi[n] = cimagf(z);
+            }
+            for (int64_t l = 0; l < len; ++l) {
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t n = 0; n < m; ++n) {
+                    acc += zr[n];
+                    const float r = zr[n] * ar[n] - zi[n] * ai[n];
+                    zi[n] = zr[n] * ai[n] + zi[n] * ar[n];
+                    zr[n] = r;
+                }
+                kc[l] += 2.0f * acc;
+            }
+        }
+    }
+}
+
+/* Gradients of every parameter (overwritten): d_log_dt (H), d_log_a_re, d_a_im (H, N/2), dB, dC
+ * (H, N/2 complex pairs). */
+void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *restrict log_a_re,
+                                  const float *restrict a_im, const float *restrict b_pairs,
+                                  const float *restrict c_pairs, const float *restrict dkernel,
+                                  float *restrict d_log_dt, float *restrict d_log_a_re,
+                                  float *restrict d_a_im, float *restrict db_pairs,
+                                  float *restrict dc_pairs, int64_t h, int64_t modes,
+                                  int64_t len, int64_t zoh) {
+    const cfloat *B = (const cfloat *)b_pairs, *C = (const cfloat *)c_pairs;
+    cfloat *dB = (cfloat *)db_pairs, *dC = (cfloat *)dc_pairs;
+    #pragma omp parallel for schedule(static) if (h * modes * len > CONV_PARALLEL_WORK)
+    for (int64_t c = 0; c < h; ++c) {
+        const float *dk = dkernel + c * len;
+        const float dt = expf(log_dt[c]);
+        float g_dt = 0.0f;
+        for (int64_t n0 = 0; n0 < modes; n0 += SSM_MODES) {
+            const int64_t m = modes - n0 < SSM_MODES ? modes - n0 : SSM_MODES;
+            float ar[SSM_MODES], ai[SSM_MODES], pr[SSM_MODES], pi[SSM_MODES];
+            float s0r[SSM_MODES] = {0}, s0i[SSM_MODES] = {0}, s1r[SSM_MODES] = {0},
+                  s1i[SSM_MODES] = {0};
+            cfloat b_bar[SSM_MODES];
+            for (int64_t n = 0; n < m; ++n) {
+                const int64_t k = c * modes + n0 + n;
+                cfloat a_bar;
+                ssm_discretize((int)zoh, dt, log_a_re[k], a_im[k], B[k], &a_bar, &b_bar[n]);
+                ar[n] = crealf(a_bar), ai[n] = cimagf(a_bar);
+                pr[n] = 1.0f, pi[n] = 0.0f;  /* P = Ā^l */
+            }
+            /* s0 = Σ_l 2 dK_l P_l,  s1 = Σ_{l≥1} 2 dK_l l P_(l-1) */
+            for (int64_t l = 0; l < len; ++l) {
+                const float g = 2.0f * dk[l], gn = l + 1 < len ? 2.0f * dk[l + 1] * (float)(l + 1) : 0.0f;
+                #pragma omp simd
+                for (int64_t n = 0; n < m; ++n) {
+                    s0r[n] += g * pr[n];
+                    s0i[n] += g * pi[n];
+                    s1r[n] += gn * pr[n];
+                    s1i[n] += gn * pi[n];
+                    const float r = pr[n] * ar[n] - pi[n] * ai[n];
+                    pi[n] = pr[n] * ai[n] + pi[n] * ar[n];
+                    pr[n] = r;
+                }
+            }
+            for (int64_t n = 0; n < m; ++n) {
+                const int64_t k = c * modes + n0 + n;
+                const cfloat a = -expf(log_a_re[k]) + I * a_im[k], u = dt * a;
+                const cfloat cb = C[k] * b_bar[n];
+                const cfloat g_cb = conjf(s0r[n] + I * s0i[n]);     /* Σ 2 dK conj(P_l) */
+                const cfloat g_abar = conjf(cb * (s1r[n] + I * s1i[n]));
+                const cfloat g_bbar = conjf(C[k]) * g_cb;
+                dC[k] = conjf(b_bar[n]) * g_cb;
+                cfloat g_u, g_a_explicit = 0.0f;
+                if (zoh) {
+                    const cfloat e = cexpf(u);
+                    g_u = conjf(e) * g_abar + conjf(e * B[k] / a) * g_bbar;
+                    g_a_explicit = conjf(-(e - 1.0f) * B[k] / (a * a)) * g_bbar;
+                    dB[k] = conjf((e - 1.0f) / a) * g_bbar;
+                    g_dt += crealf(g_u * conjf(a));
+                } else {
+                    const cfloat mm = 1.0f - 0.5f * u;
+                    /* Ā = (1 + u/2)/(1 - u/2): dĀ/du = 1/(1 - u/2)²; B̄ = Δ B/(1 - u/2) */
+                    g_u = conjf(1.0f / (mm * mm)) * g_abar
+                        + conjf(0.5f * dt * B[k] / (mm * mm)) * g_bbar;
+                    dB[k] = conjf(dt / mm) * g_bbar;
+                    g_dt += crealf(g_u * conjf(a)) + crealf(g_bbar * conjf(B[k] / mm));
+                }
+                const cfloat g_a = dt * g_u + g_a_explicit;
+                d_log_a_re[k] = crealf(g_a) * -expf(log_a_re[k]);
+                d_a_im[k] = cimagf(g_a);
+            }
+        }
+        d_log_dt[c] = g_dt * dt;
+    }
+}

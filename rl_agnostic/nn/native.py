@@ -33,7 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC",
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fcx-limited-range",
+         "-fopenmp-simd", "-fPIC",
          "-shared", "-std=gnu99"]
 # With OpenMP the kernels split their loops among threads. The library asks for `libgomp.so.1`,
 # the soname of the libgomp torch ships and has already loaded, so the loader binds it to torch's
@@ -44,26 +45,26 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fope
 OPENMP_FLAGS = ["-fopenmp"]
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
-_F32P = ctypes.c_void_p  # data_ptr() of a contiguous float32 tensor
-# Every kernel: arrays, then the element count, seed, keep threshold, 1/(1-p).
-_COUNT_AND_MASK = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+_F32P = ctypes.c_void_p  # data_ptr() of a contiguous float32 array (or None for an optional one)
+_I64 = ctypes.c_int64
+_MASK = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]  # seed, keep threshold, 1/(1-p)
 _SIGNATURES = {
-    "rla_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
-    "rla_gelu_dropout": [_F32P, _F32P, *_COUNT_AND_MASK],
-    "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, *_COUNT_AND_MASK],
-    # arrays, then rows, features, eps, then seed, keep threshold, 1/(1-p)
-    "rla_add_dropout_layernorm": [*[_F32P] * 7, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                  *_COUNT_AND_MASK[1:]],
-    "rla_add_dropout_layernorm_backward": [*[_F32P] * 8, ctypes.c_int64, ctypes.c_int64,
-                                           *_COUNT_AND_MASK[1:]],
-    # arrays, then batch, length, channels, scale, then seed, keep threshold, 1/(1-p)
-    "rla_attention": [*[_F32P] * 4, *[ctypes.c_int64] * 3, ctypes.c_float,
-                      *_COUNT_AND_MASK[1:]],
-    "rla_attention_backward": [*[_F32P] * 4, *[ctypes.c_int64] * 3, ctypes.c_float,
-                               *_COUNT_AND_MASK[1:]],
-    # arrays, then batch, length, channels
-    "rla_causal_conv": [_F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
-    "rla_causal_conv_backward": [_F32P, _F32P, _F32P, _F32P, _F32P, *[ctypes.c_int64] * 3],
+    # arrays, element count, mask
+    "rla_dropout": [_F32P, _F32P, _I64, *_MASK],
+    "rla_gelu_dropout": [_F32P, _F32P, _I64, *_MASK],
+    "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, _I64, *_MASK],
+    # arrays, rows, features, (eps), mask
+    "rla_add_dropout_layernorm": [*[_F32P] * 7, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_add_dropout_layernorm_backward": [*[_F32P] * 8, _I64, _I64, *_MASK],
+    # arrays, batch, length, channels, scale, mask
+    "rla_attention": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_attention_backward": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    # arrays, channels, modes, length, zoh (0/1)
+    "rla_ssm_full_kernel": [*[_F32P] * 6, _I64, _I64, _I64, _I64],
+    "rla_ssm_full_kernel_backward": [*[_F32P] * 11, _I64, _I64, _I64, _I64],
+    # arrays, batch, length, channels
+    "rla_causal_conv": [*[_F32P] * 3, _I64, _I64, _I64],
+    "rla_causal_conv_backward": [*[_F32P] * 5, _I64, _I64, _I64],
 }
 
 

@@ -14,7 +14,9 @@ Unrolled over a sequence of length L this is a causal convolution (paper Eq. 7) 
 
     K̄_l = 2 Re( Σ_n C_n B̄_n Ā_n^l ),  l = 0 … L-1,       y = K̄ * u + D u,
 
-computed once per forward (independent of the batch; once per optimizer step under
+(on CPU in float32 computed with its gradients by one compiled loop per channel, Ā^l by
+recurrence; otherwise by torch ops, see `S4DKernel.forward`) computed once per forward
+(independent of the batch; once per optimizer step under
 `shared_s4_operators`; reused between parameter updates when acting) and applied with an FFT of
 size ≥ 2L-1 — or, for the lengths where it is cheaper (observation vectors on CPU), as an explicit
 lower-triangular Toeplitz product, or (float32 on CPU, L ≤ 128) the direct sum of
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.nn.config import Discretization, S4Init
-from rl_agnostic.nn.dropout import add_dropout_layernorm, gelu_dropout
+from rl_agnostic.nn.dropout import add_dropout_layernorm, gelu_dropout, use_native
 from rl_agnostic.nn.native import kernels
 
 # Up to this length an explicit Toeplitz product beats the FFT: on 2 CPU cores torch's FFT
@@ -110,25 +112,43 @@ class S4DKernel(nn.Module):
 
     def discrete(self) -> tuple[Tensor, Tensor]:
         """Return (log Ā, C·B̄), each complex (H, N/2)."""
+        lr, li, cbr, cbi = self.discrete_parts()
+        return torch.complex(lr, li), torch.complex(cbr, cbi)
+
+    def discrete_parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(Re, Im) of log Ā and of C·B̄, each real (H, N/2), computed in real arithmetic (torch's
+        complex CPU kernels are scalar: its complex log alone took longer than all of this)."""
         dt = torch.exp(self.log_dt).unsqueeze(-1)
-        a = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
-        dta = a * dt
-        b = torch.view_as_complex(self.B)
-        c = torch.view_as_complex(self.C)
+        ar, ai = -torch.exp(self.log_A_real), self.A_imag
+        x, y = dt * ar, dt * ai  # ΔA
+        br, bi = self.B.unbind(-1)
+        cr, ci = self.C.unbind(-1)
         if self.discretization == "zoh":
-            log_da = dta
-            db = (torch.exp(dta) - 1.0) / a * b
+            lr, li = x, y
+            # B̄ = (exp(ΔA) - 1) / A · B
+            grow = torch.exp(x)
+            er, ei = grow * torch.cos(y) - 1.0, grow * torch.sin(y)
+            norm = ar * ar + ai * ai
+            qr, qi = (er * ar + ei * ai) / norm, (ei * ar - er * ai) / norm
+            dbr, dbi = qr * br - qi * bi, qr * bi + qi * br
         else:
-            denom = 1.0 - dta / 2
-            log_da = torch.log((1.0 + dta / 2) / denom)
-            db = dt * b / denom
-        return log_da, c * db
+            # log Ā = log(1 + ΔA/2) - log(1 - ΔA/2);  B̄ = ΔB / (1 - ΔA/2)
+            pr, mr, half_y = 1.0 + x / 2, 1.0 - x / 2, y / 2
+            p_norm, m_norm = pr * pr + half_y * half_y, mr * mr + half_y * half_y
+            lr = 0.5 * (torch.log(p_norm) - torch.log(m_norm))
+            li = torch.atan2(half_y, pr) + torch.atan2(half_y, mr)
+            dbr, dbi = dt * (br * mr - bi * half_y) / m_norm, dt * (bi * mr + br * half_y) / m_norm
+        return lr, li, cr * dbr - ci * dbi, cr * dbi + ci * dbr
 
     def forward(self, length: int) -> Tensor:
+        if use_native(self.log_dt, 0.0) and self.B.shape[-2] <= 4096:
+            return _NativeSSMKernel.apply(self.log_dt, self.log_A_real, self.A_imag, self.B,
+                                          self.C, length, self.discretization == "zoh")
+        parts = self.discrete_parts()
         # K̄_l = 2 Re Σ_n C_n B̄_n Ā_n^l with l = qM + r split as (C B̄ Ā^r)·(Ā^M)^q, M ≈ sqrt(L):
         # 2·sqrt(L) complex powers per mode instead of L, and the sum over modes becomes one
         # batched real matmul over [Re | Im] — the (H, N/2, L) power table is never built.
-        log_da, cb = self.discrete()
+        log_da, cb = torch.complex(parts[0], parts[1]), torch.complex(parts[2], parts[3])
         m = max(1, math.isqrt(length - 1) + 1) if length > 1 else 1
         q = -(-length // m)
         dev = log_da.device
@@ -139,6 +159,35 @@ class S4DKernel(nn.Module):
         lhs = torch.cat([outer.real, outer.imag], dim=1).transpose(1, 2)  # (H, Q, N)
         rhs = torch.cat([inner.real, -inner.imag], dim=1)  # (H, N, M)
         return 2.0 * torch.bmm(lhs, rhs).reshape(log_da.shape[0], q * m)[:, :length]
+
+
+class _NativeSSMKernel(torch.autograd.Function):
+    """K̄ (H, L) straight from the S4D parameters by `rla_ssm_full_kernel`: discretization and
+    the powers of Ā (by recurrence over the lags) in one loop per channel; backward likewise."""
+
+    @staticmethod
+    def forward(ctx, log_dt: Tensor, log_a_re: Tensor, a_im: Tensor, b: Tensor,  # type: ignore[override]
+                c: Tensor, length: int, zoh: bool) -> Tensor:
+        params = [t.contiguous() for t in (log_dt, log_a_re, a_im, b, c)]
+        h, modes = log_a_re.shape
+        kernel = log_dt.new_empty(h, length)
+        kernels().rla_ssm_full_kernel(*(t.data_ptr() for t in params), kernel.data_ptr(), h,
+                                      modes, length, int(zoh))
+        ctx.zoh = zoh
+        ctx.save_for_backward(*params)
+        return kernel
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        params = ctx.saved_tensors
+        grad = grad.contiguous()
+        grads = [torch.empty_like(t) for t in params]
+        h, modes = params[1].shape
+        kernels().rla_ssm_full_kernel_backward(*(t.data_ptr() for t in params), grad.data_ptr(),
+                                               *(g.data_ptr() for g in grads), h, modes,
+                                               grad.shape[1], int(ctx.zoh))
+        return (*grads, None, None)
 
 
 def _cexp(log_z: Tensor, pos: Tensor) -> Tensor:
