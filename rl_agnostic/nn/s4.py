@@ -14,14 +14,14 @@ Unrolled over a sequence of length L this is a causal convolution (paper Eq. 7) 
 
     K̄_l = 2 Re( Σ_n C_n B̄_n Ā_n^l ),  l = 0 … L-1,       y = K̄ * u + D u,
 
-(on CPU in float32 computed with its gradients by one compiled loop per channel, Ā^l by
-recurrence; otherwise by torch ops, see `S4DKernel.forward`) computed once per forward
-(independent of the batch; once per optimizer step under
-`shared_s4_operators`; reused between parameter updates when acting) and applied with an FFT of
-size ≥ 2L-1 — or, for the lengths where it is cheaper (observation vectors on CPU), as an explicit
-lower-triangular Toeplitz product, or (float32 on CPU, L ≤ 128) the direct sum of
-`rl_agnostic.nn.native`'s ``rla_causal_conv`` on the (B, L, H) layout. All give the same numbers; ``step`` runs the same map one
-position at a time (x_k = Ā x_{k-1} + B̄ u_k) and is what the tests compare the convolution with.
+computed once per forward (independent of the batch; once per optimizer step under
+`shared_s4_operators`; reused between parameter updates when acting) — on CPU in float32 with its
+gradients by one compiled loop per channel (Ā^l by recurrence), else by torch ops — and applied
+with an FFT of size ≥ 2L-1, or, for the lengths where it is cheaper (observation vectors on CPU),
+directly: the compiled sum of ``rla_causal_conv`` on the (B, L, H) layout (CPU float32,
+L ≤ 128) or an explicit lower-triangular Toeplitz product. All give the same numbers; ``step``
+runs the same map one position at a time (x_k = Ā x_{k-1} + B̄ u_k) and is what the tests compare
+the convolution with.
 
 Initialization is HiPPO-based: ``legs`` takes the eigenvalues and eigenvector-projected B of the
 normal part of the HiPPO-LegS matrix (S4D-LegS), ``lin`` uses A_n = -1/2 + iπn, B = 1 (S4D-Lin).
