@@ -227,87 +227,118 @@ static inline float keep_at(uint32_t i, uint32_t k0, uint32_t k1, uint32_t thres
     return scale * (float)(mix32(mix32(i ^ k0) ^ k1) >= threshold);
 }
 
+/* One row; always inlined, so that the dispatch below compiles it with h a constant for the
+ * common widths (fully unrolled: the per-row loop overhead is what a 64-wide row costs most). */
+static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
+        const float *restrict xr, const float *restrict zr, const float *restrict gamma,
+        const float *restrict beta, float *restrict yr, float *restrict sr, float *restrict rstd,
+        int64_t h, float eps, uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold,
+        float scale) {
+    float sum = 0.0f;
+    if (threshold) {
+        #pragma omp simd reduction(+:sum)
+        for (int64_t c = 0; c < h; ++c) {
+            sr[c] = xr[c] + zr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
+            sum += sr[c];
+        }
+    } else {
+        #pragma omp simd reduction(+:sum)
+        for (int64_t c = 0; c < h; ++c) {
+            sr[c] = xr[c] + zr[c];
+            sum += sr[c];
+        }
+    }
+    const float mean = sum / (float)h;
+    float var = 0.0f;
+    #pragma omp simd reduction(+:var)
+    for (int64_t c = 0; c < h; ++c) {
+        const float d = sr[c] - mean;
+        var += d * d;
+    }
+    const float rs = 1.0f / sqrtf(var / (float)h + eps);
+    *rstd = rs;
+    #pragma omp simd
+    for (int64_t c = 0; c < h; ++c) {
+        const float n = (sr[c] - mean) * rs;
+        sr[c] = n;
+        yr[c] = n * gamma[c] + beta[c];
+    }
+}
+
+#define LN_ROWS(width)                                                                     \
+    _Pragma("omp parallel for schedule(static) if (rows * h >= KEEP_BLOCK)")               \
+    for (int64_t r = 0; r < rows; ++r)                                                     \
+        add_dropout_layernorm_row(x + r * h, z + r * h, gamma, beta, y + r * h,            \
+                                  xhat + r * h, rstd + r, (width), eps, (uint32_t)(r * h), \
+                                  k0, k1, threshold, scale)
+
 void rla_add_dropout_layernorm(const float *restrict x, const float *restrict z,
                                const float *restrict gamma, const float *restrict beta,
                                float *restrict y, float *restrict xhat, float *restrict rstd,
                                int64_t rows, int64_t h, float eps, uint64_t seed,
                                uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    #pragma omp parallel for schedule(static) if (rows * h >= KEEP_BLOCK)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * h, *zr = z + r * h;
-        float *sr = xhat + r * h;
-        const uint32_t base = (uint32_t)(r * h);
-        float sum = 0.0f;
-        if (threshold) {
-            #pragma omp simd reduction(+:sum)
-            for (int64_t c = 0; c < h; ++c) {
-                sr[c] = xr[c] + zr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
-                sum += sr[c];
-            }
-        } else {
-            #pragma omp simd reduction(+:sum)
-            for (int64_t c = 0; c < h; ++c) {
-                sr[c] = xr[c] + zr[c];
-                sum += sr[c];
-            }
-        }
-        const float mean = sum / (float)h;
-        float var = 0.0f;
-        #pragma omp simd reduction(+:var)
-        for (int64_t c = 0; c < h; ++c) {
-            const float d = sr[c] - mean;
-            var += d * d;
-        }
-        const float rs = 1.0f / sqrtf(var / (float)h + eps);
-        rstd[r] = rs;
-        float *yr = y + r * h;
-        #pragma omp simd
-        for (int64_t c = 0; c < h; ++c) {
-            const float n = (sr[c] - mean) * rs;
-            sr[c] = n;
-            yr[c] = n * gamma[c] + beta[c];
-        }
+    switch (h) {
+        case 32: LN_ROWS(32); break;
+        case 64: LN_ROWS(64); break;
+        case 128: LN_ROWS(128); break;
+        case 256: LN_ROWS(256); break;
+        default: LN_ROWS(h);
     }
 }
 
 /* dx, dz (dz may be NULL: z needs no gradient) and dγ, dβ (overwritten; both or neither NULL). */
+static inline __attribute__((always_inline)) void add_dropout_layernorm_backward_row(
+        const float *restrict gr, const float *restrict nr, float rs,
+        const float *restrict gamma, float *restrict dxr, float *restrict dzr,
+        float *restrict dgamma, float *restrict dbeta, int64_t h, uint32_t base, uint32_t k0,
+        uint32_t k1, uint32_t threshold, float scale) {
+    float sum_g = 0.0f, sum_gn = 0.0f;
+    #pragma omp simd reduction(+:sum_g, sum_gn)
+    for (int64_t c = 0; c < h; ++c) {
+        const float g = gr[c] * gamma[c];
+        sum_g += g;
+        sum_gn += g * nr[c];
+    }
+    const float mg = sum_g / (float)h, mgn = sum_gn / (float)h;
+    #pragma omp simd
+    for (int64_t c = 0; c < h; ++c) dxr[c] = rs * (gr[c] * gamma[c] - mg - nr[c] * mgn);
+    if (dzr) {
+        if (threshold) {
+            #pragma omp simd
+            for (int64_t c = 0; c < h; ++c)
+                dzr[c] = dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
+        } else {
+            memcpy(dzr, dxr, (size_t)h * sizeof(float));
+        }
+    }
+    if (dgamma) {
+        #pragma omp simd
+        for (int64_t c = 0; c < h; ++c) {
+            dgamma[c] += gr[c] * nr[c];
+            dbeta[c] += gr[c];
+        }
+    }
+}
+
+#define LN_BACKWARD_ROWS(width)                                                            \
+    for (int64_t r = r0; r < r1; ++r)                                                      \
+        add_dropout_layernorm_backward_row(dy + r * h, xhat + r * h, rstd[r], gamma,       \
+                                           dx + r * h, dz ? dz + r * h : NULL, dgamma,     \
+                                           dbeta, (width), (uint32_t)(r * h), k0, k1,      \
+                                           threshold, scale)
+
 static void add_dropout_layernorm_backward_rows(
         const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
         const float *restrict gamma, float *restrict dx, float *restrict dz,
         float *restrict dgamma, float *restrict dbeta, int64_t r0, int64_t r1, int64_t h,
         uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const float *gr = dy + r * h, *nr = xhat + r * h;
-        float sum_g = 0.0f, sum_gn = 0.0f;
-        #pragma omp simd reduction(+:sum_g, sum_gn)
-        for (int64_t c = 0; c < h; ++c) {
-            const float g = gr[c] * gamma[c];
-            sum_g += g;
-            sum_gn += g * nr[c];
-        }
-        const float mg = sum_g / (float)h, mgn = sum_gn / (float)h, rs = rstd[r];
-        float *dxr = dx + r * h;
-        #pragma omp simd
-        for (int64_t c = 0; c < h; ++c) dxr[c] = rs * (gr[c] * gamma[c] - mg - nr[c] * mgn);
-        if (dz) {
-            float *dzr = dz + r * h;
-            const uint32_t base = (uint32_t)(r * h);
-            if (threshold) {
-                #pragma omp simd
-                for (int64_t c = 0; c < h; ++c)
-                    dzr[c] = dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
-            } else {
-                memcpy(dzr, dxr, (size_t)h * sizeof(float));
-            }
-        }
-        if (dgamma) {
-            #pragma omp simd
-            for (int64_t c = 0; c < h; ++c) {
-                dgamma[c] += gr[c] * nr[c];
-                dbeta[c] += gr[c];
-            }
-        }
+    switch (h) {
+        case 32: LN_BACKWARD_ROWS(32); break;
+        case 64: LN_BACKWARD_ROWS(64); break;
+        case 128: LN_BACKWARD_ROWS(128); break;
+        case 256: LN_BACKWARD_ROWS(256); break;
+        default: LN_BACKWARD_ROWS(h);
     }
 }
 
@@ -371,7 +402,8 @@ void rla_add_dropout_layernorm_backward(
  * One batch row per task: its L×L weights stay in L1. */
 #define ATTN_MAX_LEN 64
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+static inline __attribute__((always_inline)) float dot(const float *restrict a,
+                                                      const float *restrict b, int64_t n) {
     float acc = 0.0f;
     #pragma omp simd reduction(+:acc)
     for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
@@ -379,8 +411,9 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 }
 
 /* out[r] = a · rows[r] for the (len, stride) row matrix; four rows per pass over a. */
-static inline void dots(const float *restrict a, const float *restrict rows, int64_t stride,
-                        int64_t len, int64_t n, float *restrict out) {
+static inline __attribute__((always_inline)) void dots(
+        const float *restrict a, const float *restrict rows, int64_t stride, int64_t len,
+        int64_t n, float *restrict out) {
     int64_t r = 0;
     for (; r + 4 <= len; r += 4) {
         const float *b0 = rows + r * stride, *b1 = b0 + stride, *b2 = b1 + stride, *b3 = b2 + stride;
@@ -401,9 +434,10 @@ static inline void dots(const float *restrict a, const float *restrict rows, int
  * (len_j × n) product of a small coefficient matrix (any strides: pass the transpose by swapping
  * ci and cj) with rows of a (stride-spaced) matrix, summed over j in registers, CONV_BLOCK
  * channels at a time. */
-static void small_matmul(const float *restrict coef, int64_t ci, int64_t cj, int64_t len_i,
-                         int64_t len_j, const float *restrict rows, int64_t stride,
-                         float *restrict y, int64_t y_stride, int64_t n, int accumulate) {
+static inline __attribute__((always_inline)) void small_matmul(
+        const float *restrict coef, int64_t ci, int64_t cj, int64_t len_i, int64_t len_j,
+        const float *restrict rows, int64_t stride, float *restrict y, int64_t y_stride,
+        int64_t n, int accumulate) {
     for (int64_t i = 0; i < len_i; ++i) {
         float *yi = y + i * y_stride;
         int64_t c0 = 0;
@@ -425,39 +459,95 @@ static void small_matmul(const float *restrict coef, int64_t ci, int64_t cj, int
     }
 }
 
+/* One batch row of the forward; inlined with h a constant for the common widths (see below). */
+static inline __attribute__((always_inline)) void attention_row(
+        const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
+        float *restrict weights, int64_t b, int64_t len, int64_t h, float scale, uint32_t k0,
+        uint32_t k1, uint32_t threshold, float keep_scale) {
+    const int64_t row = 3 * h;
+    const float *base = qkv + b * len * row;
+    const uint8_t *vb = valid ? valid + b * len : NULL;
+    float kept[ATTN_MAX_LEN * ATTN_MAX_LEN];  /* w_ij keep_ij */
+    for (int64_t i = 0; i < len; ++i) {
+        float *w = weights + (b * len + i) * len;
+        dots(base + i * row, base + h, row, len, h, w);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) {
+            w[j] = (vb && !vb[j]) ? -INFINITY : scale * w[j];
+            top = w[j] > top ? w[j] : top;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < len; ++j) {
+            w[j] = top == -INFINITY ? 0.0f : expf(w[j] - top);
+            total += w[j];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        const uint32_t idx = (uint32_t)((b * len + i) * len);
+        for (int64_t j = 0; j < len; ++j) {
+            w[j] *= inv;
+            kept[i * len + j] = threshold
+                ? w[j] * keep_at(idx + (uint32_t)j, k0, k1, threshold, keep_scale) : w[j];
+        }
+    }
+    small_matmul(kept, len, 1, len, len, base + 2 * h, row, out + b * len * h, h, h, 0);
+}
+
+/* Runs ROW(b, width) for every batch row, with width a compile-time constant for the common h. */
+#define FOR_EACH_BATCH_ROW(ROW)                                                            \
+    do {                                                                                   \
+        switch (h) {                                                                       \
+            case 32: _Pragma("omp parallel for schedule(static) if (work)")                \
+                     for (int64_t b = 0; b < batch; ++b) ROW(b, 32); break;                \
+            case 64: _Pragma("omp parallel for schedule(static) if (work)")                \
+                     for (int64_t b = 0; b < batch; ++b) ROW(b, 64); break;                \
+            case 128: _Pragma("omp parallel for schedule(static) if (work)")               \
+                      for (int64_t b = 0; b < batch; ++b) ROW(b, 128); break;              \
+            case 256: _Pragma("omp parallel for schedule(static) if (work)")               \
+                      for (int64_t b = 0; b < batch; ++b) ROW(b, 256); break;              \
+            default: _Pragma("omp parallel for schedule(static) if (work)")                \
+                     for (int64_t b = 0; b < batch; ++b) ROW(b, h);                        \
+        }                                                                                  \
+    } while (0)
+
 void rla_attention(const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
                    float *restrict weights, int64_t batch, int64_t len, int64_t h, float scale,
                    uint64_t seed, uint32_t threshold, float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const int work = batch * len * len * h > CONV_PARALLEL_WORK;
+#define ATTENTION_ROW(b, width) \
+    attention_row(qkv, valid, out, weights, (b), len, (width), scale, k0, k1, threshold, keep_scale)
+    FOR_EACH_BATCH_ROW(ATTENTION_ROW);
+#undef ATTENTION_ROW
+}
+
+static inline __attribute__((always_inline)) void attention_backward_row(
+        const float *restrict qkv, const float *restrict weights, const float *restrict dout,
+        float *restrict dqkv, int64_t b, int64_t len, int64_t h, float scale, uint32_t k0,
+        uint32_t k1, uint32_t threshold, float keep_scale) {
     const int64_t row = 3 * h;
-    #pragma omp parallel for schedule(static) if (batch * len * len * h > CONV_PARALLEL_WORK)
-    for (int64_t b = 0; b < batch; ++b) {
-        const float *base = qkv + b * len * row;
-        const uint8_t *vb = valid ? valid + b * len : NULL;
-        float kept[ATTN_MAX_LEN * ATTN_MAX_LEN];  /* w_ij keep_ij */
-        for (int64_t i = 0; i < len; ++i) {
-            float *w = weights + (b * len + i) * len;
-            dots(base + i * row, base + h, row, len, h, w);
-            float top = -INFINITY;
-            for (int64_t j = 0; j < len; ++j) {
-                w[j] = (vb && !vb[j]) ? -INFINITY : scale * w[j];
-                top = w[j] > top ? w[j] : top;
-            }
-            float total = 0.0f;
-            for (int64_t j = 0; j < len; ++j) {
-                w[j] = top == -INFINITY ? 0.0f : expf(w[j] - top);
-                total += w[j];
-            }
-            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-            const uint32_t idx = (uint32_t)((b * len + i) * len);
-            for (int64_t j = 0; j < len; ++j) {
-                w[j] *= inv;
-                kept[i * len + j] = threshold
-                    ? w[j] * keep_at(idx + (uint32_t)j, k0, k1, threshold, keep_scale) : w[j];
-            }
+    const float *base = qkv + b * len * row, *da = dout + b * len * h;
+    const float *wb = weights + b * len * len;
+    float *dbase = dqkv + b * len * row;
+    float kept[ATTN_MAX_LEN * ATTN_MAX_LEN], ds[ATTN_MAX_LEN * ATTN_MAX_LEN];
+    for (int64_t i = 0; i < len; ++i) {
+        const float *w = wb + i * len;
+        const uint32_t idx = (uint32_t)((b * len + i) * len);
+        float *dsi = ds + i * len;
+        dots(da + i * h, base + 2 * h, row, len, h, dsi);  /* da_i · v_j */
+        float wdw = 0.0f;
+        for (int64_t j = 0; j < len; ++j) {
+            const float keep = threshold
+                ? keep_at(idx + (uint32_t)j, k0, k1, threshold, keep_scale) : 1.0f;
+            kept[i * len + j] = w[j] * keep;
+            dsi[j] *= keep;  /* dw_ij */
+            wdw += w[j] * dsi[j];
         }
-        small_matmul(kept, len, 1, len, len, base + 2 * h, row, out + b * len * h, h, h, 0);
+        for (int64_t j = 0; j < len; ++j) dsi[j] = scale * w[j] * (dsi[j] - wdw);
     }
+    /* dq = ds K, dk = dsᵀ Q, dv = keptᵀ dA: each (L×L) @ (L×H) */
+    small_matmul(ds, len, 1, len, len, base + h, row, dbase, row, h, 0);
+    small_matmul(ds, 1, len, len, len, base, row, dbase + h, row, h, 0);
+    small_matmul(kept, 1, len, len, len, da, h, dbase + 2 * h, row, h, 0);
 }
 
 void rla_attention_backward(const float *restrict qkv, const float *restrict weights,
@@ -465,33 +555,12 @@ void rla_attention_backward(const float *restrict qkv, const float *restrict wei
                             int64_t len, int64_t h, float scale, uint64_t seed, uint32_t threshold,
                             float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    const int64_t row = 3 * h;
-    #pragma omp parallel for schedule(static) if (batch * len * len * h > CONV_PARALLEL_WORK)
-    for (int64_t b = 0; b < batch; ++b) {
-        const float *base = qkv + b * len * row, *da = dout + b * len * h;
-        const float *wb = weights + b * len * len;
-        float *dbase = dqkv + b * len * row;
-        float kept[ATTN_MAX_LEN * ATTN_MAX_LEN], ds[ATTN_MAX_LEN * ATTN_MAX_LEN];
-        for (int64_t i = 0; i < len; ++i) {
-            const float *w = wb + i * len;
-            const uint32_t idx = (uint32_t)((b * len + i) * len);
-            float *dsi = ds + i * len;
-            dots(da + i * h, base + 2 * h, row, len, h, dsi);  /* da_i · v_j */
-            float wdw = 0.0f;
-            for (int64_t j = 0; j < len; ++j) {
-                const float keep = threshold
-                    ? keep_at(idx + (uint32_t)j, k0, k1, threshold, keep_scale) : 1.0f;
-                kept[i * len + j] = w[j] * keep;
-                dsi[j] *= keep;  /* dw_ij */
-                wdw += w[j] * dsi[j];
-            }
-            for (int64_t j = 0; j < len; ++j) dsi[j] = scale * w[j] * (dsi[j] - wdw);
-        }
-        /* dq = ds K, dk = dsᵀ Q, dv = keptᵀ dA: each (L×L) @ (L×H) */
-        small_matmul(ds, len, 1, len, len, base + h, row, dbase, row, h, 0);
-        small_matmul(ds, 1, len, len, len, base, row, dbase + h, row, h, 0);
-        small_matmul(kept, 1, len, len, len, da, h, dbase + 2 * h, row, h, 0);
-    }
+    const int work = batch * len * len * h > CONV_PARALLEL_WORK;
+#define ATTENTION_BACKWARD_ROW(b, width) \
+    attention_backward_row(qkv, weights, dout, dqkv, (b), len, (width), scale, k0, k1, threshold, \
+                           keep_scale)
+    FOR_EACH_BATCH_ROW(ATTENTION_BACKWARD_ROW);
+#undef ATTENTION_BACKWARD_ROW
 }
 
 #define SSM_MODES 64  /* modes per pass: N/2 ≤ 64 in registers/L1 */
