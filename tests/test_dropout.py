@@ -142,29 +142,36 @@ def test_freed_activation_memory_is_reused_without_page_faults():
 @native
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("width", [7, 64])
-def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_backward(p, width):
-    """The fused post-norm residual equals F.layer_norm(x + z·keep/(1-p)) and its gradients, for
-    the keep mask it drew (read off dz: dropped elements get exactly 0); p=0 keeps everything."""
+@pytest.mark.parametrize("glu", [False, True])
+def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_backward(p, width,
+                                                                                        glu):
+    """The fused post-norm residual equals F.layer_norm(x + z·keep/(1-p)) (with ``glu``: of
+    F.glu(z)) and its gradients, for the keep mask it drew (read off dz: dropped elements get
+    exactly 0); p=0 keeps everything. z's GLU gates include ±100 and ±inf."""
     torch.manual_seed(2)
     norm = torch.nn.LayerNorm(width)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     x = (torch.randn(300, 5, width) * 2 + 1).requires_grad_(True)
-    z = torch.randn(300, 5, width).requires_grad_(True)
-    y = add_dropout_layernorm(x, z, norm, p, training=True)
+    z = torch.randn(300, 5, width * (2 if glu else 1))
+    if glu:
+        z[0, 0, width:width + 4] = torch.tensor([100.0, -100.0, float("inf"), float("-inf")])
+    z.requires_grad_(True)
+    y = add_dropout_layernorm(x, z, norm, p, training=True, glu=glu)
     grad = torch.randn_like(y)
     y.backward(grad)
-    keep = (z.grad != 0).float()
+    keep = (z.grad[..., :width] != 0).float()
     assert abs(keep.mean().item() - (1 - p)) < 0.01
     x2, z2 = x.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
     w2 = norm.weight.detach().clone().requires_grad_(True)
     b2 = norm.bias.detach().clone().requires_grad_(True)
-    ref = F.layer_norm(x2 + z2 * keep / (1 - p), (width,), w2, b2, norm.eps)
+    branch = F.glu(z2, dim=-1) if glu else z2
+    ref = F.layer_norm(x2 + branch * keep / (1 - p), (width,), w2, b2, norm.eps)
     ref.backward(grad)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     for got, want in ((x.grad, x2.grad), (z.grad, z2.grad), (norm.weight.grad, w2.grad),
                       (norm.bias.grad, b2.grad)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # eval mode: no dropout, same as the module
-    torch.testing.assert_close(add_dropout_layernorm(x, z, norm, p, training=False),
-                               norm(x + z), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(add_dropout_layernorm(x, z, norm, p, training=False, glu=glu),
+                               norm(x + (F.glu(z, dim=-1) if glu else z)), atol=1e-5, rtol=1e-5)

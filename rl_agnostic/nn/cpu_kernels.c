@@ -29,9 +29,9 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-/* exp(-x²/2), shared by Φ and φ: Cephes' expf for the non-positive argument a. */
-static inline float gauss(float x) {
-    const float a = -0.5f * x * x;
+/* exp(a) for a ≤ 0 (Cephes' expf; 0 below -87, including -inf; NaN stays NaN). */
+static inline float exp_nonpositive(float a) {
+    a = a < -88.0f ? -88.0f : a;  /* keeps the polynomial below finite */
     int32_t n = (int32_t)(a * 1.44269504088896341f - 0.5f);  /* round(a / ln 2) */
     n = n < -126 ? -126 : n;  /* 2^n stays a normal float; a < -87 gives 0 below */
     const float r = a - (float)n * 0.693359375f + (float)n * 2.12194440e-4f;
@@ -45,6 +45,15 @@ static inline float gauss(float x) {
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);  /* 2^n */
     return (q * r * r + r + 1.0f) * two_n * (float)(a >= -87.0f);
+}
+
+/* exp(-x²/2), shared by Φ and φ. */
+static inline float gauss(float x) { return exp_nonpositive(-0.5f * x * x); }
+
+/* σ(x) = 1/(1 + e^-x), from e^-|x| (no overflow for either sign). */
+static inline float sigmoid(float x) {
+    const float t = exp_nonpositive(-fabsf(x));
+    return (x >= 0.0f ? 1.0f : t) / (1.0f + t);
 }
 
 /* Φ(x) = ½(1 + erf(x/√2)), given g = gauss(x). */
@@ -216,10 +225,13 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
 
 /* Post-norm residual: y = LayerNorm(x + dropout(z)) · γ + β over rows of h features (the last op
  * of every S4, Bi-GRU and Transformer sublayer), one pass instead of dropout, add and LayerNorm.
+ * With `glu` (the S4 layer), z = GLU(g) = g[:h] · σ(g[h:]) is formed from the (rows, 2h) output of
+ * the layer's Linear(h → 2h) on the fly, and backward returns dg.
  *
  *     s = x + z·keep/(1-p),  x̂ = (s - mean(s)) · rstd,  rstd = 1/sqrt(var(s) + eps),  y = x̂γ + β
  *     backward (g = dy·γ):   ds = rstd·(g - mean(g) - x̂·mean(g·x̂)),  dx = ds,  dz = ds·keep/(1-p),
  *                            dγ = Σ_rows dy·x̂,  dβ = Σ_rows dy
+ *     GLU backward:          d g[:h] = dz·σ(g[h:]),  d g[h:] = dz·g[:h]·σ(g[h:])(1 - σ(g[h:]))
  *
  * keep of element i (< 2³² elements) = mix(mix(i ^ k0) ^ k1) >= threshold; threshold 0 = no dropout
  * (every element kept, no hashing). Forward saves x̂ and rstd for backward. */
@@ -227,26 +239,19 @@ static inline float keep_at(uint32_t i, uint32_t k0, uint32_t k1, uint32_t thres
     return scale * (float)(mix32(mix32(i ^ k0) ^ k1) >= threshold);
 }
 
-/* One row; always inlined, so that the dispatch below compiles it with h a constant for the
- * common widths (fully unrolled: the per-row loop overhead is what a 64-wide row costs most). */
+/* One row; always inlined, so that the dispatch below compiles it with h (and glu) constants for
+ * the common widths (fully unrolled: the per-row loop overhead is what a 64-wide row costs most). */
 static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
         const float *restrict xr, const float *restrict zr, const float *restrict gamma,
         const float *restrict beta, float *restrict yr, float *restrict sr, float *restrict rstd,
-        int64_t h, float eps, uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold,
-        float scale) {
+        int64_t h, int glu, float eps, uint32_t base, uint32_t k0, uint32_t k1,
+        uint32_t threshold, float scale) {
     float sum = 0.0f;
-    if (threshold) {
-        #pragma omp simd reduction(+:sum)
-        for (int64_t c = 0; c < h; ++c) {
-            sr[c] = xr[c] + zr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
-            sum += sr[c];
-        }
-    } else {
-        #pragma omp simd reduction(+:sum)
-        for (int64_t c = 0; c < h; ++c) {
-            sr[c] = xr[c] + zr[c];
-            sum += sr[c];
-        }
+    #pragma omp simd reduction(+:sum)
+    for (int64_t c = 0; c < h; ++c) {
+        const float z = glu ? zr[c] * sigmoid(zr[h + c]) : zr[c];
+        sr[c] = xr[c] + (threshold ? z * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) : z);
+        sum += sr[c];
     }
     const float mean = sum / (float)h;
     float var = 0.0f;
@@ -265,34 +270,43 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
     }
 }
 
-#define LN_ROWS(width)                                                                     \
+#define LN_ROWS(width, glu)                                                                \
     _Pragma("omp parallel for schedule(static) if (rows * h >= KEEP_BLOCK)")               \
     for (int64_t r = 0; r < rows; ++r)                                                     \
-        add_dropout_layernorm_row(x + r * h, z + r * h, gamma, beta, y + r * h,            \
-                                  xhat + r * h, rstd + r, (width), eps, (uint32_t)(r * h), \
-                                  k0, k1, threshold, scale)
+        add_dropout_layernorm_row(x + r * h, z + r * h * ((glu) + 1), gamma, beta,         \
+                                  y + r * h, xhat + r * h, rstd + r, (width), (glu), eps,  \
+                                  (uint32_t)(r * h), k0, k1, threshold, scale)
 
+#define LN_DISPATCH(ROWS, glu)                                                             \
+    switch (h) {                                                                           \
+        case 32: ROWS(32, glu); break;                                                     \
+        case 64: ROWS(64, glu); break;                                                     \
+        case 128: ROWS(128, glu); break;                                                   \
+        case 256: ROWS(256, glu); break;                                                   \
+        default: ROWS(h, glu);                                                             \
+    }
+
+/* z is (rows, h), or (rows, 2h) with glu. */
 void rla_add_dropout_layernorm(const float *restrict x, const float *restrict z,
                                const float *restrict gamma, const float *restrict beta,
                                float *restrict y, float *restrict xhat, float *restrict rstd,
-                               int64_t rows, int64_t h, float eps, uint64_t seed,
+                               int64_t rows, int64_t h, int64_t glu, float eps, uint64_t seed,
                                uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    switch (h) {
-        case 32: LN_ROWS(32); break;
-        case 64: LN_ROWS(64); break;
-        case 128: LN_ROWS(128); break;
-        case 256: LN_ROWS(256); break;
-        default: LN_ROWS(h);
+    if (glu) {
+        LN_DISPATCH(LN_ROWS, 1)
+    } else {
+        LN_DISPATCH(LN_ROWS, 0)
     }
 }
 
-/* dx, dz (dz may be NULL: z needs no gradient) and dγ, dβ (overwritten; both or neither NULL). */
+/* dx and dz (dz may be NULL: z needs no gradient; with glu, dz is d g (rows, 2h) and zr the row
+ * of g), dγ and dβ (accumulated; both or neither NULL). */
 static inline __attribute__((always_inline)) void add_dropout_layernorm_backward_row(
         const float *restrict gr, const float *restrict nr, float rs,
-        const float *restrict gamma, float *restrict dxr, float *restrict dzr,
-        float *restrict dgamma, float *restrict dbeta, int64_t h, uint32_t base, uint32_t k0,
-        uint32_t k1, uint32_t threshold, float scale) {
+        const float *restrict gamma, const float *restrict zr, float *restrict dxr,
+        float *restrict dzr, float *restrict dgamma, float *restrict dbeta, int64_t h, int glu,
+        uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
     float sum_g = 0.0f, sum_gn = 0.0f;
     #pragma omp simd reduction(+:sum_g, sum_gn)
     for (int64_t c = 0; c < h; ++c) {
@@ -304,12 +318,17 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_backward
     #pragma omp simd
     for (int64_t c = 0; c < h; ++c) dxr[c] = rs * (gr[c] * gamma[c] - mg - nr[c] * mgn);
     if (dzr) {
-        if (threshold) {
-            #pragma omp simd
-            for (int64_t c = 0; c < h; ++c)
-                dzr[c] = dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
-        } else {
-            memcpy(dzr, dxr, (size_t)h * sizeof(float));
+        #pragma omp simd
+        for (int64_t c = 0; c < h; ++c) {
+            const float dz = threshold
+                ? dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) : dxr[c];
+            if (glu) {
+                const float sg = sigmoid(zr[h + c]);
+                dzr[c] = dz * sg;
+                dzr[h + c] = dz * zr[c] * sg * (1.0f - sg);
+            } else {
+                dzr[c] = dz;
+            }
         }
     }
     if (dgamma) {
@@ -321,32 +340,33 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_backward
     }
 }
 
-#define LN_BACKWARD_ROWS(width)                                                            \
+#define LN_BACKWARD_ROWS(width, glu)                                                       \
     for (int64_t r = r0; r < r1; ++r)                                                      \
-        add_dropout_layernorm_backward_row(dy + r * h, xhat + r * h, rstd[r], gamma,       \
-                                           dx + r * h, dz ? dz + r * h : NULL, dgamma,     \
-                                           dbeta, (width), (uint32_t)(r * h), k0, k1,      \
-                                           threshold, scale)
+        add_dropout_layernorm_backward_row(                                                \
+            dy + r * h, xhat + r * h, rstd[r], gamma, z + r * h * ((glu) + 1), dx + r * h, \
+            dz ? dz + r * h * ((glu) + 1) : NULL, dgamma, dbeta, (width), (glu),           \
+            (uint32_t)(r * h), k0, k1, threshold, scale)
 
 static void add_dropout_layernorm_backward_rows(
         const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
-        const float *restrict gamma, float *restrict dx, float *restrict dz,
-        float *restrict dgamma, float *restrict dbeta, int64_t r0, int64_t r1, int64_t h,
-        uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
-    switch (h) {
-        case 32: LN_BACKWARD_ROWS(32); break;
-        case 64: LN_BACKWARD_ROWS(64); break;
-        case 128: LN_BACKWARD_ROWS(128); break;
-        case 256: LN_BACKWARD_ROWS(256); break;
-        default: LN_BACKWARD_ROWS(h);
+        const float *restrict gamma, const float *restrict z, float *restrict dx,
+        float *restrict dz, float *restrict dgamma, float *restrict dbeta, int64_t r0,
+        int64_t r1, int64_t h, int64_t glu, uint32_t k0, uint32_t k1, uint32_t threshold,
+        float scale) {
+    if (glu) {
+        LN_DISPATCH(LN_BACKWARD_ROWS, 1)
+    } else {
+        LN_DISPATCH(LN_BACKWARD_ROWS, 0)
     }
 }
 
+/* z (rows, 2h) with glu, else unused (may be NULL). Threads take contiguous row ranges; their
+ * dγ, dβ partial sums are added in thread order. */
 void rla_add_dropout_layernorm_backward(
         const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
-        const float *restrict gamma, float *restrict dx, float *restrict dz,
-        float *restrict dgamma, float *restrict dbeta, int64_t rows, int64_t h, uint64_t seed,
-        uint32_t threshold, float scale) {
+        const float *restrict gamma, const float *restrict z, float *restrict dx,
+        float *restrict dz, float *restrict dgamma, float *restrict dbeta, int64_t rows,
+        int64_t h, int64_t glu, uint64_t seed, uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     int threads = 1;
 #ifdef _OPENMP
@@ -374,8 +394,8 @@ void rla_add_dropout_layernorm_backward(
             dg = partial + (t - 1) * 2 * h;
             db = dg + h;
         }
-        add_dropout_layernorm_backward_rows(dy, xhat, rstd, gamma, dx, dz, dg, db,
-                                            rows * t / n, rows * (t + 1) / n, h, k0, k1,
+        add_dropout_layernorm_backward_rows(dy, xhat, rstd, gamma, z, dx, dz, dg, db,
+                                            rows * t / n, rows * (t + 1) / n, h, glu, k0, k1,
                                             threshold, scale);
     }
     if (partial) {

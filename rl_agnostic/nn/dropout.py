@@ -124,44 +124,47 @@ def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 class _NativeAddDropoutLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p: float,  # type: ignore[override]
-                eps: float) -> Tensor:
+                eps: float, glu: bool) -> Tensor:
         x, z = x.contiguous(), z.contiguous()
         h = x.shape[-1]
         rows = x.numel() // h
         y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
-        ctx.seed, ctx.p = (draw_seed() if p > 0.0 else 0), p
+        ctx.seed, ctx.p, ctx.glu = (draw_seed() if p > 0.0 else 0), p, glu
         kernels().rla_add_dropout_layernorm(
             x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-            xhat.data_ptr(), rstd.data_ptr(), rows, h, eps, *mask_args(ctx.seed, p))
-        ctx.save_for_backward(xhat, rstd, weight)
+            xhat.data_ptr(), rstd.data_ptr(), rows, h, int(glu), eps, *mask_args(ctx.seed, p))
+        ctx.save_for_backward(xhat, rstd, weight, z if glu else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, rstd, weight = ctx.saved_tensors
+        xhat, rstd, weight, z = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_z, need_w, need_b = ctx.needs_input_grad[:4]
         dx = torch.empty_like(xhat)
-        dz = torch.empty_like(xhat) if need_z else None
+        dz = (torch.empty_like(z) if ctx.glu else torch.empty_like(xhat)) if need_z else None
         dw = torch.empty_like(weight) if need_w or need_b else None
         db = torch.empty_like(weight) if need_w or need_b else None
         h = xhat.shape[-1]
         kernels().rla_add_dropout_layernorm_backward(
-            grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(), dx.data_ptr(),
+            grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(),
+            None if z is None else z.data_ptr(), dx.data_ptr(),
             None if dz is None else dz.data_ptr(), None if dw is None else dw.data_ptr(),
-            None if db is None else db.data_ptr(), xhat.numel() // h, h,
+            None if db is None else db.data_ptr(), xhat.numel() // h, h, int(ctx.glu),
             *mask_args(ctx.seed, ctx.p))
         return (dx if need_x else None, dz, dw if need_w else None, db if need_b else None,
-                None, None)
+                None, None, None)
 
 
-def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float,
-                          training: bool) -> Tensor:
-    """Drop-in for ``norm(x + dropout(z, p, training))``, the post-norm residual."""
+def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float, training: bool,
+                          glu: bool = False) -> Tensor:
+    """Drop-in for ``norm(x + dropout(z, p, training))``, the post-norm residual; with ``glu``,
+    for ``norm(x + dropout(F.glu(z), p, training))`` (z twice as wide as x)."""
     p = p if training else 0.0
-    if (use_native(x, p) and z.shape == x.shape and z.dtype == x.dtype and x.numel() < 2**32
-            and norm.weight is not None and norm.bias is not None
+    if (use_native(x, p) and z.shape[:-1] == x.shape[:-1]
+            and z.shape[-1] == x.shape[-1] * (2 if glu else 1) and z.dtype == x.dtype
+            and z.numel() < 2**32 and norm.weight is not None and norm.bias is not None
             and norm.normalized_shape == (x.shape[-1],)):
-        return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps)
-    return norm(x + dropout(z, p, training))
+        return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps, glu)
+    return norm(x + dropout(F.glu(z, dim=-1) if glu else z, p, training))

@@ -53,9 +53,9 @@ _SIGNATURES = {
     "rla_dropout": [_F32P, _F32P, _I64, *_MASK],
     "rla_gelu_dropout": [_F32P, _F32P, _I64, *_MASK],
     "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, _I64, *_MASK],
-    # arrays, rows, features, (eps), mask
-    "rla_add_dropout_layernorm": [*[_F32P] * 7, _I64, _I64, ctypes.c_float, *_MASK],
-    "rla_add_dropout_layernorm_backward": [*[_F32P] * 8, _I64, _I64, *_MASK],
+    # arrays, rows, features, glu (0/1), (eps), mask
+    "rla_add_dropout_layernorm": [*[_F32P] * 7, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_add_dropout_layernorm_backward": [*[_F32P] * 9, _I64, _I64, _I64, *_MASK],
     # arrays, batch, length, channels, scale, mask
     "rla_attention": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
     "rla_attention_backward": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],

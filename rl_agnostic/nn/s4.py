@@ -364,8 +364,8 @@ class S4Layer(nn.Module):
 
     def _mix(self, x: Tensor, y: Tensor) -> Tensor:
         y = gelu_dropout(y, self.dropout, self.training)
-        y = F.glu(self.output_linear(y), dim=-1)
-        return add_dropout_layernorm(x, y, self.norm, self.dropout, self.training)
+        return add_dropout_layernorm(x, self.output_linear(y), self.norm, self.dropout,
+                                     self.training, glu=True)
 
     def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Recurrent form for one position: x (B, H), state complex (B, H, N/2) or None."""
