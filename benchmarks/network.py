@@ -114,7 +114,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
                 vf = 0.5 * (value - returns[sl]).square().sum()
                 ent = net.entropy(spec, dist).sum()
                 ((pg + vf - 0.0 * ent) / minibatch).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5, foreach=True)
         opt.step()
 
     rate_before = matmul_gflops()

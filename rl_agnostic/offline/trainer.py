@@ -246,7 +246,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         if distributed:  # sum: each dataset's loss is already divided by its holders
             all_reduce_gradients(params, mean=False)
         if i.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, i.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, i.max_grad_norm, foreach=True)
         if i.actor_cosine_schedule:
             actor_group["lr"] = i.actor_lr * 0.5 * (1 + math.cos(math.pi * (step - 1)
                                                                     / cfg.run.steps))
