@@ -584,6 +584,7 @@ void rla_attention_backward(const float *restrict qkv, const float *restrict wei
 }
 
 #define SSM_MODES 64  /* modes per pass: N/2 ≤ 64 in registers/L1 */
+#define SSM_PARALLEL_MODES 2048  /* the per-mode discretization (~0.1-0.2 µs) dominates */
 
 /* The whole S4D kernel K̄ (H, L) from the layer's parameters, forward and backward, so that the
  * discretization's dozens of tiny (H, N/2) tensor ops (each paying torch's per-op overhead, and
@@ -621,7 +622,7 @@ void rla_ssm_full_kernel(const float *restrict log_dt, const float *restrict log
                          const float *restrict c_pairs, float *restrict kernel, int64_t h,
                          int64_t modes, int64_t len, int64_t zoh) {
     const cfloat *B = (const cfloat *)b_pairs, *C = (const cfloat *)c_pairs;
-    #pragma omp parallel for schedule(static) if (h * modes * len > CONV_PARALLEL_WORK)
+    #pragma omp parallel for schedule(static) if (h * modes >= SSM_PARALLEL_MODES)
     for (int64_t c = 0; c < h; ++c) {
         float *kc = kernel + c * len;
         for (int64_t l = 0; l < len; ++l) kc[l] = 0.0f;
@@ -662,7 +663,7 @@ void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *res
                                   int64_t len, int64_t zoh) {
     const cfloat *B = (const cfloat *)b_pairs, *C = (const cfloat *)c_pairs;
     cfloat *dB = (cfloat *)db_pairs, *dC = (cfloat *)dc_pairs;
-    #pragma omp parallel for schedule(static) if (h * modes * len > CONV_PARALLEL_WORK)
+    #pragma omp parallel for schedule(static) if (h * modes >= SSM_PARALLEL_MODES)
     for (int64_t c = 0; c < h; ++c) {
         const float *dk = dkernel + c * len;
         const float dt = expf(log_dt[c]);
