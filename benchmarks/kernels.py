@@ -1,9 +1,9 @@
-"""Fused CPU kernels and allocator tuning on vs off, side by side (rl_agnostic/nn/native.py).
+"""Compiled CPU kernels and allocator tuning on vs off, side by side (rl_agnostic/nn/native.py).
 
 Runs `benchmarks/network.py`'s PPO training row (minibatch 512, paper layer counts, dropout 0.1,
 separate actor and critic) in fresh processes, alternating "on" (the default) and "off"
-(RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0: numpy-mask dropout, torch GELU, glibc's
-default allocator) for several rounds, and reports the median samples/s of each and their ratio.
+(RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0: every compiled kernel replaced by its torch
+path, numpy-mask dropout, glibc's default allocator) for several rounds, and reports the median samples/s of each and their ratio.
 Writes results/kernels.md and results/kernels.json.
 
     python benchmarks/kernels.py                  # d_model 64: CartPole, HalfCheetah, Humanoid
@@ -61,13 +61,14 @@ def main() -> None:
     (RESULTS / "kernels.json").write_text(json.dumps({"rows": table, "load_before": load},
                                                      indent=2) + "\n")
     lines = [
-        "# Fused CPU kernels and allocator tuning: on vs off",
+        "# Compiled CPU kernels and allocator tuning: on vs off",
         "",
         (f"PPO training samples/s of `benchmarks/network.py` rows (minibatch 512, dropout 0.1), "
          f"{args.rounds} alternating rounds of fresh processes, {args.seconds:g} s windows, "
          f"medians; {os.cpu_count()} cores, load average before {load[0]:.2f}. *off* = "
-         "`RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0` (numpy-mask dropout, torch GELU, "
-         "glibc's default allocator)."),
+         "`RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0`: the torch paths of the S4 kernel, "
+         "convolution, attention, residual LayerNorm and GELU, numpy-mask dropout, glibc's default "
+         "allocator."),
         "",
         "| d_model | env | on | off | speed-up | runs on | runs off |",
         "|---|---|---|---|---|---|---|",

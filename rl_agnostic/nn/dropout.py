@@ -114,25 +114,44 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return _CpuDropout.apply(x, p)
 
 
+def needs_graph(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on these inputs (else kernels are called directly: acting
+    runs small batches, where an autograd Function's own overhead is most of the cost)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Drop-in for ``dropout(F.gelu(x), p, training)`` (exact, erf-based GELU)."""
-    if training and p > 0.0 and use_native(x, p):
-        return _NativeGeluDropout.apply(x, p)
+    p = p if training else 0.0
+    if use_native(x, p):
+        if needs_graph(x):
+            return _NativeGeluDropout.apply(x, p)
+        x = x.contiguous()
+        return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=draw_seed() if p else 0, p=p)
     return dropout(F.gelu(x), p, training)
+
+
+def _add_dropout_layernorm(x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p: float,
+                           eps: float, glu: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The forward kernel: (y, x̂, rstd, seed) for contiguous x, z."""
+    h = x.shape[-1]
+    rows = x.numel() // h
+    y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
+    seed = draw_seed() if p > 0.0 else 0
+    kernels().rla_add_dropout_layernorm(
+        x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+        xhat.data_ptr(), rstd.data_ptr(), rows, h, int(glu), eps, *mask_args(seed, p))
+    return y, xhat, rstd, seed
 
 
 class _NativeAddDropoutLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p: float,  # type: ignore[override]
                 eps: float, glu: bool) -> Tensor:
-        x, z = x.contiguous(), z.contiguous()
-        h = x.shape[-1]
-        rows = x.numel() // h
-        y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
-        ctx.seed, ctx.p, ctx.glu = (draw_seed() if p > 0.0 else 0), p, glu
-        kernels().rla_add_dropout_layernorm(
-            x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-            xhat.data_ptr(), rstd.data_ptr(), rows, h, int(glu), eps, *mask_args(ctx.seed, p))
+        z = z.contiguous()
+        y, xhat, rstd, ctx.seed = _add_dropout_layernorm(x.contiguous(), z, weight, bias, p, eps,
+                                                         glu)
+        ctx.p, ctx.glu = p, glu
         ctx.save_for_backward(xhat, rstd, weight, z if glu else None)
         return y
 
@@ -166,5 +185,8 @@ def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float, tr
             and z.shape[-1] == x.shape[-1] * (2 if glu else 1) and z.dtype == x.dtype
             and z.numel() < 2**32 and norm.weight is not None and norm.bias is not None
             and norm.normalized_shape == (x.shape[-1],)):
-        return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps, glu)
+        if needs_graph(x, z, norm.weight, norm.bias):
+            return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps, glu)
+        return _add_dropout_layernorm(x.contiguous(), z.contiguous(), norm.weight, norm.bias, p,
+                                      norm.eps, glu)[0]
     return norm(x + dropout(F.glu(z, dim=-1) if glu else z, p, training))

@@ -12,9 +12,9 @@ GPU: memory O(B·L·H) instead of O(B·L²), no softmax matrix kept for backward
 dropout is off), and none of the generic module's argument checking per call. Training on CPU
 (float32, one head, L ≤ NATIVE_ATTENTION_MAX_LEN: observation and action sequences) computes the
 attention, its dropout and backward in one compiled kernel on the packed QKV projection, and each
-residual LayerNorm(x + Dropout(·)) in another (`rl_agnostic.nn.native`). Acting (eval mode,
-no autograd) runs the whole layer as torch's one native fused op, the one
-``nn.TransformerEncoderLayer`` uses for its inference fast path.
+residual LayerNorm(x + Dropout(·)) in another (`rl_agnostic.nn.native`); acting (no autograd)
+calls the same kernels directly. Other acting runs the whole layer as torch's one native fused
+op, the one ``nn.TransformerEncoderLayer`` uses for its inference fast path.
 ``to_reference`` builds the plain torch layer with the same weights (used by the tests).
 """
 
@@ -30,6 +30,7 @@ from rl_agnostic.nn.dropout import (
     dropout,
     gelu_dropout,
     mask_args,
+    needs_graph,
     use_native,
 )
 from rl_agnostic.nn.native import kernels
@@ -42,6 +43,19 @@ _FUSED_INFERENCE = hasattr(torch, "_transformer_encoder_layer_fwd")
 NATIVE_ATTENTION_MAX_LEN = 24
 
 
+def _native_attention(qkv: Tensor, valid: Tensor | None, p: float) -> tuple[Tensor, Tensor, int]:
+    """The forward kernel on contiguous qkv: (output, softmax weights, mask seed)."""
+    b, length, h3 = qkv.shape
+    h = h3 // 3
+    out, weights = qkv.new_empty(b, length, h), qkv.new_empty(b, length, length)
+    seed = draw_seed() if p > 0.0 else 0
+    mask = None if valid is None else valid.contiguous().view(torch.uint8)
+    kernels().rla_attention(qkv.data_ptr(), None if mask is None else mask.data_ptr(),
+                            out.data_ptr(), weights.data_ptr(), b, length, h, h ** -0.5,
+                            *mask_args(seed, p))
+    return out, weights, seed
+
+
 class _NativeAttention(torch.autograd.Function):
     """softmax(Q Kᵀ/√H, keys where ``valid``) with dropout p on the weights, times V, from the
     packed (B, L, 3H) projection; backward returns the gradient of the packed projection."""
@@ -49,14 +63,8 @@ class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, valid: Tensor | None, p: float) -> Tensor:  # type: ignore[override]
         qkv = qkv.contiguous()
-        b, length, h3 = qkv.shape
-        h = h3 // 3
-        out, weights = qkv.new_empty(b, length, h), qkv.new_empty(b, length, length)
-        ctx.seed, ctx.p = (draw_seed() if p > 0.0 else 0), p
-        mask = None if valid is None else valid.contiguous().view(torch.uint8)
-        kernels().rla_attention(qkv.data_ptr(), None if mask is None else mask.data_ptr(),
-                                out.data_ptr(), weights.data_ptr(), b, length, h, h ** -0.5,
-                                *mask_args(ctx.seed, p))
+        out, weights, ctx.seed = _native_attention(qkv, valid, p)
+        ctx.p = p
         ctx.save_for_backward(qkv, weights)
         return out
 
@@ -93,15 +101,18 @@ class TransformerLayer(nn.Module):
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """x (B, L, H) → (B, L, H). ``valid`` (B, L) bool: the positions that take part as keys
         (sequences of different lengths padded at the end); None = all."""
-        if (valid is None and not self.training and not torch.is_grad_enabled()
-                and _FUSED_INFERENCE):
-            return self._fused_inference(x)
         b, length, h = x.shape
         p = self.dropout if self.training else 0.0
+        native = (self.n_heads == 1 and length <= NATIVE_ATTENTION_MAX_LEN
+                  and use_native(x, p))
+        if (valid is None and not self.training and not torch.is_grad_enabled()
+                and _FUSED_INFERENCE and not native):
+            return self._fused_inference(x)
         qkv = self.in_proj(x)
-        if (self.n_heads == 1 and length <= NATIVE_ATTENTION_MAX_LEN and torch.is_grad_enabled()
-                and use_native(qkv, p)):
-            a = _NativeAttention.apply(qkv, valid, p)
+        if native:
+            # Acting: the kernels called directly, ~1.7x faster than torch's fused layer at batch 8
+            a = (_NativeAttention.apply(qkv, valid, p) if needs_graph(qkv)
+                 else _native_attention(qkv.contiguous(), valid, p)[0])
         elif p > 0.0 and x.device.type == "cpu":
             # Fused CPU kernels have no dropout, and torch's fallback draws its mask ~4x slower.
             a = self._attention_with_dropout(qkv, p, valid)
