@@ -18,8 +18,8 @@ computed once per forward (independent of the batch; once per optimizer step und
 `shared_s4_operators`; reused between parameter updates when acting) — on CPU in float32 with its
 gradients by one compiled loop per channel (Ā^l by recurrence), else by torch ops — and applied
 with an FFT of size ≥ 2L-1, or, for the lengths where it is cheaper (observation vectors on CPU),
-directly: the compiled sum of ``rla_causal_conv`` on the (B, L, H) layout (CPU float32,
-L ≤ 128) or an explicit lower-triangular Toeplitz product. All give the same numbers; ``step``
+directly: the compiled sum of ``rla_causal_conv`` on the (B, L, H) layout (CPU float32) or an
+explicit lower-triangular Toeplitz product. All give the same numbers; ``step``
 runs the same map one position at a time (x_k = Ā x_{k-1} + B̄ u_k) and is what the tests compare
 the convolution with.
 
@@ -48,10 +48,11 @@ from rl_agnostic.nn.native import kernels
 # convolution (fwd+bwd, B=512, H=64) took 2.4x the Toeplitz bmm at L=100 and 2.2x at L=376.
 # cuFFT is fast, so on GPUs the FFT takes over much earlier. Both paths are tested to agree.
 TOEPLITZ_MAX_LEN = {"cpu": 512, "cuda": 64}
-# Up to this length (float32, CPU) the compiled direct sum beats the Toeplitz bmm, single-threaded
-# against torch's two threads, forward + backward at B=512: 3.5x at L=4, 2.5x at L=17, 1.2x at
-# L=128 (H=64); at L=376 the bmm is 1.4x faster. It also skips the (H, L, B) transposes.
-NATIVE_CONV_MAX_LEN = 128
+# Up to this length (float32, CPU) the compiled direct sum (on torch's threads) replaces the
+# Toeplitz bmm; forward + backward, operator built: 2.3x faster at L=64 (B=512, H=64), 1.9x at
+# L=376 (B=21, H=256: a Humanoid micro-batch at d_model 256), level at L=376 with H=64, B=85. It
+# skips the (H, L, B) transposes and the (H, L, L) matrix (145 MB for Humanoid at d_model 256).
+NATIVE_CONV_MAX_LEN = 512
 
 
 def hippo_legs_diagonal(n_state: int) -> tuple[np.ndarray, np.ndarray]:
