@@ -1,4 +1,8 @@
-/* Fused elementwise CPU kernels for training with dropout (loaded by rl_agnostic/nn/native.py).
+/* Compiled CPU kernels of the agnostic network's training step (loaded by rl_agnostic/nn/native.py):
+ * dropout and GELU+dropout, short causal convolutions, the residual add + dropout + LayerNorm
+ * (optionally after a GLU), single-head attention of short sequences, and the S4D kernel from its
+ * parameters; each with its backward. Loops over rows, batch rows or channels are split among
+ * OpenMP threads when the library is built with -fopenmp (torch's own runtime, see native.py).
  *
  * Dropout's keep mask is a pure function of (seed, element index): bit string
  *     bits(i) = mix(mix(lo(i) ^ k0) ^ (k1 + hi(i)·φ)),   k0, k1 = the seed's two 32-bit halves,
@@ -420,7 +424,7 @@ void rla_add_dropout_layernorm_backward(
  *
  * keep_ij of element (b, i, j) as in `keep_at` (threshold 0: no dropout). Forward saves w (B, L, L).
  * One batch row per task: its L×L weights stay in L1. */
-#define ATTN_MAX_LEN 64
+#define ATTN_MAX_LEN 64  /* len ≤ this (stack buffers); transformer.py keeps to it */
 
 static inline __attribute__((always_inline)) float dot(const float *restrict a,
                                                       const float *restrict b, int64_t n) {

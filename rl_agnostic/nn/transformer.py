@@ -41,6 +41,7 @@ _FUSED_INFERENCE = hasattr(torch, "_transformer_encoder_layer_fwd")
 # split/bmm/softmax/dropout path: 0.38x the time at L=4, 0.76x at L=17 (H=256: 0.68x), 0.67x at
 # L=24, 0.93x at L=32 (H=256: 1.2x). No (B, L, L) dropout mask is stored.
 NATIVE_ATTENTION_MAX_LEN = 24
+_ATTENTION_KERNEL_MAX_LEN = 64  # cpu_kernels.c ATTN_MAX_LEN: the kernel's stack buffers
 
 
 def _native_attention(qkv: Tensor, valid: Tensor | None, p: float) -> tuple[Tensor, Tensor, int]:
@@ -103,7 +104,8 @@ class TransformerLayer(nn.Module):
         (sequences of different lengths padded at the end); None = all."""
         b, length, h = x.shape
         p = self.dropout if self.training else 0.0
-        native = (self.n_heads == 1 and length <= NATIVE_ATTENTION_MAX_LEN
+        native = (self.n_heads == 1
+                  and length <= min(NATIVE_ATTENTION_MAX_LEN, _ATTENTION_KERNEL_MAX_LEN)
                   and use_native(x, p))
         if (valid is None and not self.training and not torch.is_grad_enabled()
                 and _FUSED_INFERENCE and not native):
