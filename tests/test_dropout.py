@@ -90,6 +90,53 @@ def test_native_kernels_share_torchs_openmp_runtime_and_ignore_the_thread_count(
     torch.testing.assert_close(out[0][3], out[1][3], atol=1e-5, rtol=1e-5)
 
 
+SERIAL_BUILD_CHECK = """
+import sys, torch
+from rl_agnostic.nn import native
+native.OPENMP_FLAGS.clear()  # the build kernels() falls back to beside another OpenMP runtime
+sys.path.insert(0, sys.argv[2])
+from test_dropout import kernel_outputs
+torch.save(kernel_outputs(), sys.argv[1])
+"""
+
+
+def kernel_outputs() -> list[torch.Tensor]:
+    """Outputs and gradients of every compiled kernel on fixed inputs (seeded masks)."""
+    from rl_agnostic.nn.s4 import S4DKernel
+    from rl_agnostic.nn.transformer import _NativeAttention
+
+    torch.manual_seed(11)
+    x = torch.randn(70_000)
+    norm = torch.nn.LayerNorm(40)
+    u, k = torch.randn(32, 12, 40, requires_grad=True), torch.randn(40, 12, requires_grad=True)
+    res, z = torch.randn(32, 12, 40, requires_grad=True), torch.randn(32, 12, 80, requires_grad=True)
+    qkv = torch.randn(32, 12, 120, requires_grad=True)
+    ssm = S4DKernel(40, 16)
+    outs = [dropout(x, 0.3, True), gelu_dropout(x, 0.3, True)]
+    y = (causal_conv(u, k) + add_dropout_layernorm(res, z, norm, 0.2, True, glu=True)
+         + _NativeAttention.apply(qkv, None, 0.2)).sum() + ssm(12).square().sum()
+    y.backward()
+    grads = [u.grad, k.grad, res.grad, z.grad, qkv.grad, norm.weight.grad,
+             *(p.grad for p in ssm.parameters())]
+    return [t.detach() for t in outs + grads]
+
+
+@native
+def test_single_threaded_build_gives_the_same_results(tmp_path):
+    """The build without OpenMP (loaded when torch's OpenMP runtime cannot be shared) computes
+    the same outputs, masks and gradients as the multi-threaded one (sums within rounding)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "serial.pt"
+    subprocess.run([sys.executable, "-c", SERIAL_BUILD_CHECK, str(out), str(Path(__file__).parent)],
+                   check=True, timeout=300)
+    serial = torch.load(out)
+    for got, want in zip(serial, kernel_outputs()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @native
 def test_gelu_dropout_equals_gelu_then_the_same_mask_forward_and_backward():
     torch.manual_seed(1)

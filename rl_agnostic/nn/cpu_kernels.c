@@ -120,6 +120,49 @@ void rla_gelu_dropout_backward(const float *dy, const float *h, float *dh, int64
     });
 }
 
+/* Reductions over rows (weight gradients) split among threads: thread t takes rows
+ * [items·t/n, items·(t+1)/n) and sums into its own buffer (thread 0 into the output, zeroed first;
+ * the others into `partial`), and the buffers are added in thread order — the same result for a
+ * given thread count, whatever the scheduling. */
+static int team_size(int64_t items, int parallel) {
+    int threads = 1;
+#ifdef _OPENMP
+    if (parallel) threads = omp_get_max_threads();
+#else
+    (void)parallel;
+#endif
+    return threads > items ? (int)(items > 0 ? items : 1) : threads;
+}
+
+static float *partials_alloc(float *out, int64_t size, int *threads) {
+    memset(out, 0, (size_t)size * sizeof(float));
+    float *partial = NULL;
+    if (*threads > 1) {
+        partial = calloc((size_t)((*threads - 1) * size), sizeof(float));
+        if (!partial) *threads = 1;
+    }
+    return partial;
+}
+
+static inline float *partial_of(float *out, float *partial, int t, int64_t size) {
+    return t == 0 ? out : partial + (t - 1) * size;
+}
+
+static void partials_reduce(float *out, float *partial, int threads, int64_t size) {
+    if (!partial) return;
+    for (int t = 1; t < threads; ++t)
+        for (int64_t e = 0; e < size; ++e) out[e] += partial[(t - 1) * size + e];
+    free(partial);
+}
+
+/* This thread's index and the team size (0 and 1 outside a parallel region or without OpenMP). */
+static inline void thread_id(int *t, int *n) {
+    *t = 0, *n = 1;
+#ifdef _OPENMP
+    *t = omp_get_thread_num(), *n = omp_get_num_threads();
+#endif
+}
+
 /* Short causal convolutions along positions, channels last (the S4 layer's y = K̄ * u + D u on
  * observation-length sequences): u, y (B, L, H) and the kernel k (L, H), lag-major, all contiguous.
  *
@@ -198,33 +241,16 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
                               const float *restrict k, float *restrict du, float *restrict dk,
                               int64_t batch, int64_t len, int64_t h) {
     const int64_t size = len * h;
-    int threads = 1;
-#ifdef _OPENMP
-    if (batch * len * len * h > CONV_PARALLEL_WORK) threads = omp_get_max_threads();
-    if (threads > batch) threads = (int)batch;
-#endif
-    float *partial = NULL;
-    if (dk && threads > 1) {
-        partial = calloc((size_t)((threads - 1) * size), sizeof(float));
-        if (!partial) threads = 1;
-    }
-    if (dk) memset(dk, 0, (size_t)size * sizeof(float));
+    int threads = team_size(batch, batch * len * len * h > CONV_PARALLEL_WORK);
+    float *partial = dk ? partials_alloc(dk, size, &threads) : NULL;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
-        float *mine = dk == NULL ? NULL : (t == 0 ? dk : partial + (t - 1) * size);
-        causal_conv_backward_rows(dy, u, k, du, mine, b0, b1, len, h);
+        int t, n;
+        thread_id(&t, &n);
+        causal_conv_backward_rows(dy, u, k, du, dk ? partial_of(dk, partial, t, size) : NULL,
+                                  batch * t / n, batch * (t + 1) / n, len, h);
     }
-    if (partial) {
-        for (int t = 1; t < threads; ++t)
-            for (int64_t e = 0; e < size; ++e) dk[e] += partial[(t - 1) * size + e];
-        free(partial);
-    }
+    if (dk) partials_reduce(dk, partial, threads, size);
 }
 
 /* Post-norm residual: y = LayerNorm(x + dropout(z)) · γ + β over rows of h features (the last op
@@ -372,43 +398,30 @@ void rla_add_dropout_layernorm_backward(
         float *restrict dz, float *restrict dgamma, float *restrict dbeta, int64_t rows,
         int64_t h, int64_t glu, uint64_t seed, uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    int threads = 1;
-#ifdef _OPENMP
-    if (rows * h >= KEEP_BLOCK) threads = omp_get_max_threads();
-    if (threads > rows) threads = (int)rows;
-#endif
-    float *partial = NULL;  /* threads 1…: their dγ then dβ */
-    if (dgamma && threads > 1) {
-        partial = calloc((size_t)((threads - 1) * 2 * h), sizeof(float));
-        if (!partial) threads = 1;
-    }
+    int threads = team_size(rows, rows * h >= KEEP_BLOCK);
+    float *partial_g = NULL, *partial_b = NULL;
     if (dgamma) {
-        memset(dgamma, 0, (size_t)h * sizeof(float));
-        memset(dbeta, 0, (size_t)h * sizeof(float));
+        partial_g = partials_alloc(dgamma, h, &threads);
+        partial_b = partials_alloc(dbeta, h, &threads);
+        if (!partial_b && partial_g) {  /* out of memory for the second: one thread for both */
+            free(partial_g);
+            partial_g = NULL;
+            threads = 1;
+        }
     }
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        float *dg = dgamma, *db = dbeta;
-        if (dgamma && t > 0) {
-            dg = partial + (t - 1) * 2 * h;
-            db = dg + h;
-        }
-        add_dropout_layernorm_backward_rows(dy, xhat, rstd, gamma, z, dx, dz, dg, db,
-                                            rows * t / n, rows * (t + 1) / n, h, glu, k0, k1,
-                                            threshold, scale);
+        int t, n;
+        thread_id(&t, &n);
+        add_dropout_layernorm_backward_rows(
+            dy, xhat, rstd, gamma, z, dx, dz,
+            dgamma ? partial_of(dgamma, partial_g, t, h) : NULL,
+            dgamma ? partial_of(dbeta, partial_b, t, h) : NULL,
+            rows * t / n, rows * (t + 1) / n, h, glu, k0, k1, threshold, scale);
     }
-    if (partial) {
-        for (int t = 1; t < threads; ++t)
-            for (int64_t c = 0; c < h; ++c) {
-                dgamma[c] += partial[(t - 1) * 2 * h + c];
-                dbeta[c] += partial[(t - 1) * 2 * h + h + c];
-            }
-        free(partial);
+    if (dgamma) {
+        partials_reduce(dgamma, partial_g, threads, h);
+        partials_reduce(dbeta, partial_b, threads, h);
     }
 }
 
@@ -517,30 +530,31 @@ static inline __attribute__((always_inline)) void attention_row(
 }
 
 /* Runs ROW(b, width) for every batch row, with width a compile-time constant for the common h. */
-#define FOR_EACH_BATCH_ROW(ROW)                                                            \
+#define BATCH_ROWS(ROW, width)                                                             \
     do {                                                                                   \
-        switch (h) {                                                                       \
-            case 32: _Pragma("omp parallel for schedule(static) if (work)")                \
-                     for (int64_t b = 0; b < batch; ++b) ROW(b, 32); break;                \
-            case 64: _Pragma("omp parallel for schedule(static) if (work)")                \
-                     for (int64_t b = 0; b < batch; ++b) ROW(b, 64); break;                \
-            case 128: _Pragma("omp parallel for schedule(static) if (work)")               \
-                      for (int64_t b = 0; b < batch; ++b) ROW(b, 128); break;              \
-            case 256: _Pragma("omp parallel for schedule(static) if (work)")               \
-                      for (int64_t b = 0; b < batch; ++b) ROW(b, 256); break;              \
-            default: _Pragma("omp parallel for schedule(static) if (work)")                \
-                     for (int64_t b = 0; b < batch; ++b) ROW(b, h);                        \
+        _Pragma("omp parallel for schedule(static) if (work)")                             \
+        for (int64_t b = 0; b < batch; ++b) {                                              \
+            ROW(b, width);                                                                 \
         }                                                                                  \
     } while (0)
+#define FOR_EACH_BATCH_ROW(ROW)                                                            \
+    switch (h) {                                                                           \
+        case 32: BATCH_ROWS(ROW, 32); break;                                               \
+        case 64: BATCH_ROWS(ROW, 64); break;                                               \
+        case 128: BATCH_ROWS(ROW, 128); break;                                             \
+        case 256: BATCH_ROWS(ROW, 256); break;                                             \
+        default: BATCH_ROWS(ROW, h);                                                       \
+    }
 
 void rla_attention(const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
                    float *restrict weights, int64_t batch, int64_t len, int64_t h, float scale,
                    uint64_t seed, uint32_t threshold, float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     const int work = batch * len * len * h > CONV_PARALLEL_WORK;
+    (void)work;  /* read only by the OpenMP pragma */
 #define ATTENTION_ROW(b, width) \
     attention_row(qkv, valid, out, weights, (b), len, (width), scale, k0, k1, threshold, keep_scale)
-    FOR_EACH_BATCH_ROW(ATTENTION_ROW);
+    FOR_EACH_BATCH_ROW(ATTENTION_ROW)
 #undef ATTENTION_ROW
 }
 
@@ -580,10 +594,11 @@ void rla_attention_backward(const float *restrict qkv, const float *restrict wei
                             float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     const int work = batch * len * len * h > CONV_PARALLEL_WORK;
+    (void)work;  /* read only by the OpenMP pragma */
 #define ATTENTION_BACKWARD_ROW(b, width) \
     attention_backward_row(qkv, weights, dout, dqkv, (b), len, (width), scale, k0, k1, threshold, \
                            keep_scale)
-    FOR_EACH_BATCH_ROW(ATTENTION_BACKWARD_ROW);
+    FOR_EACH_BATCH_ROW(ATTENTION_BACKWARD_ROW)
 #undef ATTENTION_BACKWARD_ROW
 }
 
