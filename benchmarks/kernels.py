@@ -3,8 +3,8 @@
 Runs `benchmarks/network.py`'s PPO training row (minibatch 512, paper layer counts, dropout 0.1,
 separate actor and critic) in fresh processes, alternating "on" (the default) and "off"
 (RL_AGNOSTIC_NATIVE=0 RL_AGNOSTIC_MALLOC_TUNING=0: every compiled kernel replaced by its torch
-path, numpy-mask dropout, glibc's default allocator) for several rounds, and reports the median samples/s of each and their ratio.
-Writes results/kernels.md and results/kernels.json.
+path, numpy-mask dropout, glibc's default allocator) for several rounds, and reports the median
+samples/s of each and their ratio. Writes results/kernels.md and results/kernels.json.
 
     python benchmarks/kernels.py                  # d_model 64: CartPole, HalfCheetah, Humanoid
     python benchmarks/kernels.py --rows 256:CartPole --rounds 2
