@@ -12,6 +12,7 @@ from rl_agnostic.nn.dropout import (
     dropout,
     gelu_dropout,
     keep_mask,
+    softmax_dropout,
 )
 from rl_agnostic.nn.native import keep_freed_memory, kernels, openmp_runtimes
 from rl_agnostic.nn.s4 import causal_conv
@@ -112,7 +113,8 @@ def kernel_outputs() -> list[torch.Tensor]:
     res, z = torch.randn(32, 12, 40, requires_grad=True), torch.randn(32, 12, 80, requires_grad=True)
     qkv = torch.randn(32, 12, 120, requires_grad=True)
     ssm = S4DKernel(40, 16)
-    outs = [dropout(x, 0.3, True), gelu_dropout(x, 0.3, True)]
+    outs = [dropout(x, 0.3, True), gelu_dropout(x, 0.3, True),
+            softmax_dropout(x.view(700, 100), 0.3, True)]
     y = (causal_conv(u, k) + add_dropout_layernorm(res, z, norm, 0.2, True, glu=True)
          + _NativeAttention.apply(qkv, None, 0.2)).sum() + ssm(12).square().sum()
     y.backward()
@@ -222,3 +224,32 @@ def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_bac
     # eval mode: no dropout, same as the module
     torch.testing.assert_close(add_dropout_layernorm(x, z, norm, p, training=False, glu=glu),
                                norm(x + (F.glu(z, dim=-1) if glu else z)), atol=1e-5, rtol=1e-5)
+
+
+@native
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_softmax_dropout_equals_softmax_then_the_same_mask_forward_and_backward(p):
+    """Row softmax + dropout in one kernel: torch's softmax times the drawn mask / (1-p), and the
+    same input gradient; masked (-inf) keys get weight 0, a fully masked row gives zeros."""
+    torch.manual_seed(6)
+    x = torch.randn(9, 31, 50) * 3
+    x[0, 0, 5:9] = float("-inf")
+    x[1, 2] = float("-inf")
+    x.requires_grad_(True)
+    y = softmax_dropout(x, p, training=True)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    w = torch.softmax(x.detach(), dim=-1).nan_to_num(0.0)
+    keep = torch.where(w > 0, (y.detach() * (1 - p) / w.clamp(min=1e-30)).round(),
+                       torch.ones_like(w))
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert abs(keep[w > 0].mean().item() - (1 - p)) < 0.02
+    assert (y[1, 2] == 0).all() and (y[0, 0, 5:9] == 0).all()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.softmax(x2, dim=-1).nan_to_num(0.0) * keep / (1 - p)
+    ref.backward(grad)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.nan_to_num(0.0), x2.grad.nan_to_num(0.0), atol=1e-6,
+                               rtol=1e-5)
+    torch.testing.assert_close(softmax_dropout(x, p, training=False),
+                               torch.softmax(x, dim=-1), equal_nan=True)

@@ -1,7 +1,7 @@
 /* Compiled CPU kernels of the agnostic network's training step (loaded by rl_agnostic/nn/native.py):
  * dropout and GELU+dropout, short causal convolutions, the residual add + dropout + LayerNorm
- * (optionally after a GLU), single-head attention of short sequences, and the S4D kernel from its
- * parameters; each with its backward. Loops over rows, batch rows or channels are split among
+ * (optionally after a GLU), single-head attention of short sequences, softmax + dropout of longer
+ * attention weights, and the S4D kernel from its parameters; each with its backward. Loops over rows, batch rows or channels are split among
  * OpenMP threads when the library is built with -fopenmp (torch's own runtime, see native.py).
  *
  * Dropout's keep mask is a pure function of (seed, element index): bit string
@@ -743,5 +743,68 @@ void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *res
             }
         }
         d_log_dt[c] = g_dt * dt;
+    }
+}
+
+/* Row softmax followed by dropout, for attention weights too long for `rla_attention` (scores
+ * (rows, len) from torch's batched products; masked keys are -inf):
+ *
+ *     w = softmax(s) (saved),  out = w · keep / (1-p);   backward: dw = dout · keep / (1-p),
+ *     ds = w · (dw - Σ_j w_j dw_j)
+ *
+ * keep of element i = keep_at(i) as in the residual kernel. One pass over the (B, L, L) weights
+ * each way, where torch needs softmax, mask and multiply (and their backward) separately. */
+static inline __attribute__((always_inline)) void softmax_dropout_row(
+        const float *restrict s, float *restrict w, float *restrict out, int64_t len,
+        uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+    float top = -INFINITY;
+    #pragma omp simd reduction(max:top)
+    for (int64_t j = 0; j < len; ++j) top = s[j] > top ? s[j] : top;
+    if (top == -INFINITY) {  /* every key masked: no weight (torch would give NaN) */
+        memset(w, 0, (size_t)len * sizeof(float));
+        memset(out, 0, (size_t)len * sizeof(float));
+        return;
+    }
+    float total = 0.0f;
+    #pragma omp simd reduction(+:total)
+    for (int64_t j = 0; j < len; ++j) {
+        w[j] = exp_nonpositive(s[j] - top);
+        total += w[j];
+    }
+    const float inv = 1.0f / total;
+    #pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+        w[j] *= inv;
+        out[j] = threshold ? w[j] * keep_at(base + (uint32_t)j, k0, k1, threshold, scale) : w[j];
+    }
+}
+
+void rla_softmax_dropout(const float *restrict scores, float *restrict w, float *restrict out,
+                         int64_t rows, int64_t len, uint64_t seed, uint32_t threshold,
+                         float scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    #pragma omp parallel for schedule(static) if (rows * len >= KEEP_BLOCK)
+    for (int64_t r = 0; r < rows; ++r)
+        softmax_dropout_row(scores + r * len, w + r * len, out + r * len, len,
+                            (uint32_t)(r * len), k0, k1, threshold, scale);
+}
+
+void rla_softmax_dropout_backward(const float *restrict dout, const float *restrict w,
+                                  float *restrict ds, int64_t rows, int64_t len, uint64_t seed,
+                                  uint32_t threshold, float scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    #pragma omp parallel for schedule(static) if (rows * len >= KEEP_BLOCK)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = dout + r * len, *wr = w + r * len;
+        float *d = ds + r * len;
+        const uint32_t base = (uint32_t)(r * len);
+        float dot_wg = 0.0f;
+        #pragma omp simd reduction(+:dot_wg)
+        for (int64_t j = 0; j < len; ++j) {
+            d[j] = threshold ? g[j] * keep_at(base + (uint32_t)j, k0, k1, threshold, scale) : g[j];
+            dot_wg += wr[j] * d[j];
+        }
+        #pragma omp simd
+        for (int64_t j = 0; j < len; ++j) d[j] = wr[j] * (d[j] - dot_wg);
     }
 }

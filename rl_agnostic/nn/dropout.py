@@ -190,3 +190,37 @@ def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float, tr
         return _add_dropout_layernorm(x.contiguous(), z.contiguous(), norm.weight, norm.bias, p,
                                       norm.eps, glu)[0]
     return norm(x + dropout(F.glu(z, dim=-1) if glu else z, p, training))
+
+
+class _NativeSoftmaxDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        w, out = torch.empty_like(x), torch.empty_like(x)
+        ctx.seed, ctx.p = draw_seed(), p
+        length = x.shape[-1]
+        kernels().rla_softmax_dropout(x.data_ptr(), w.data_ptr(), out.data_ptr(),
+                                      x.numel() // length, length, *mask_args(ctx.seed, p))
+        ctx.save_for_backward(w)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        ds = torch.empty_like(w)
+        length = w.shape[-1]
+        kernels().rla_softmax_dropout_backward(grad.data_ptr(), w.data_ptr(), ds.data_ptr(),
+                                               w.numel() // length, length,
+                                               *mask_args(ctx.seed, ctx.p))
+        return ds, None
+
+
+def softmax_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Drop-in for ``dropout(torch.softmax(x, -1), p, training)`` (rows of -inf give 0 with the
+    kernel, NaN without)."""
+    p = p if training else 0.0
+    if p > 0.0 and use_native(x, p) and x.numel() < 2**32:
+        return _NativeSoftmaxDropout.apply(x, p)
+    return dropout(torch.softmax(x, dim=-1), p, training)

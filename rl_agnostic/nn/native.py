@@ -1,5 +1,6 @@
-"""Builds and loads `cpu_kernels.c`: fused dropout, GELU+dropout, residual add + dropout +
-LayerNorm and short causal convolutions for CPU training.
+"""Builds and loads `cpu_kernels.c`: the compiled kernels of a CPU training step (dropout,
+GELU+dropout, softmax+dropout, residual add + dropout + LayerNorm, attention, S4 kernel and
+convolution).
 
 Why our own kernels: with dropout 0.1 active, a training step of the agnostic network at
 d_model 64 spent a third of its time drawing, converting and applying dropout masks, and GELU's
@@ -59,6 +60,9 @@ _SIGNATURES = {
     # arrays, batch, length, channels, scale, mask
     "rla_attention": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
     "rla_attention_backward": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    # arrays, rows, row length, mask
+    "rla_softmax_dropout": [*[_F32P] * 3, _I64, _I64, *_MASK],
+    "rla_softmax_dropout_backward": [*[_F32P] * 3, _I64, _I64, *_MASK],
     # arrays, channels, modes, length, zoh (0/1)
     "rla_ssm_full_kernel": [*[_F32P] * 6, _I64, _I64, _I64, _I64],
     "rla_ssm_full_kernel_backward": [*[_F32P] * 11, _I64, _I64, _I64, _I64],

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from rl_agnostic.nn.dropout import (
     add_dropout_layernorm,
     draw_seed,
-    dropout,
     gelu_dropout,
     mask_args,
     needs_graph,
+    softmax_dropout,
     use_native,
 )
 from rl_agnostic.nn.native import kernels
@@ -139,8 +139,7 @@ class TransformerLayer(nn.Module):
         if valid is not None:
             keys = valid[:, None, :] if nh == 1 else valid[:, None, None, :]
             scores = scores.masked_fill(~keys, float("-inf"))
-        w = torch.softmax(scores, dim=-1)
-        a = dropout(w, p, True) @ v
+        a = softmax_dropout(scores, p, True) @ v
         return a if nh == 1 else a.transpose(1, 2).reshape(b, length, h)
 
     def _fused_inference(self, x: Tensor) -> Tensor:
