@@ -66,7 +66,7 @@ class _NativeDropout(torch.autograd.Function):
 class _NativeGeluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        ctx.seed, ctx.p = draw_seed(), p
+        ctx.seed, ctx.p = (draw_seed() if p > 0.0 else 0), p  # p = 0: no draw from torch's RNG
         x = x.contiguous()
         ctx.save_for_backward(x)
         return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
