@@ -138,7 +138,7 @@ def openmp_runtimes() -> set[str]:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return set()
-    paths = {line.split()[-1] for line in maps.splitlines() if line.count("/")}
+    paths = {line.split()[-1] for line in maps.splitlines() if "/" in line}
     return {p for p in paths if Path(p).name.startswith(_OPENMP_RUNTIMES)}
 
 

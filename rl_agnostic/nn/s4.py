@@ -142,7 +142,7 @@ class S4DKernel(nn.Module):
         return lr, li, cr * dbr - ci * dbi, cr * dbi + ci * dbr
 
     def forward(self, length: int) -> Tensor:
-        if use_native(self.log_dt, 0.0) and self.B.shape[-2] <= 4096:
+        if use_native(self.log_dt, 0.0):
             return _NativeSSMKernel.apply(self.log_dt, self.log_A_real, self.A_imag, self.B,
                                           self.C, length, self.discretization == "zoh")
         parts = self.discrete_parts()
@@ -216,6 +216,7 @@ def apply_conv(u: Tensor, operator: Tensor) -> Tensor:
     """Causal convolution of u (B, L, H) with the operator from `conv_operator` → (B, L, H)."""
     length = u.shape[1]
     if operator.dim() == 2 and not operator.is_complex():
+        u = u.to(operator.dtype)  # the compiled kernel reads float32 (e.g. bf16 under autocast)
         if torch.is_grad_enabled() and (u.requires_grad or operator.requires_grad):
             return _NativeCausalConv.apply(u, operator)
         return _native_conv(u.contiguous(), operator)
