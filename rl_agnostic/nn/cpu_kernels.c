@@ -69,6 +69,12 @@ static inline float normal_cdf(float x, float g) {
     return 0.5f + copysignf(half_erf_abs, x);
 }
 
+/* scale (= 1/(1-p)) if the element with 32-bit index i survives dropout, else 0: mix(mix(i ^ k0) ^ k1)
+ * >= threshold. A multiplier, no branch, so loops over it vectorize. */
+static inline float keep_at(uint32_t i, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+    return scale * (float)(mix32(mix32(i ^ k0) ^ k1) >= threshold);
+}
+
 /* Runs the body (the variadic argument) for every element index i in [0, n) with keep = 1/(1-p)
  * if element i survives, else 0 (a multiplier: no branch, so the loop vectorizes). Blocks of
  * KEEP_BLOCK elements are shared among the OpenMP threads (the runtime torch itself uses, so the
@@ -89,8 +95,7 @@ static inline float normal_cdf(float x, float g) {
             _Pragma("omp simd")                                                            \
             for (uint32_t j_ = 0; j_ < count_; ++j_) {                                     \
                 const int64_t i = start_ + j_;                                             \
-                const float keep = scale_                                                  \
-                    * (float)(mix32(mix32((lo_ + j_) ^ k0_) ^ salt_) >= (threshold));      \
+                const float keep = keep_at(lo_ + j_, k0_, salt_, (threshold), scale_);     \
                 __VA_ARGS__;                                                               \
             }                                                                              \
         }                                                                                  \
@@ -265,10 +270,6 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
  *
  * keep of element i (< 2³² elements) = mix(mix(i ^ k0) ^ k1) >= threshold; threshold 0 = no dropout
  * (every element kept, no hashing). Forward saves x̂ and rstd for backward. */
-static inline float keep_at(uint32_t i, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
-    return scale * (float)(mix32(mix32(i ^ k0) ^ k1) >= threshold);
-}
-
 /* One row; always inlined, so that the dispatch below compiles it with h (and glu) constants for
  * the common widths (fully unrolled: the per-row loop overhead is what a 64-wide row costs most). */
 static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
@@ -307,13 +308,14 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
                                   y + r * h, xhat + r * h, rstd + r, (width), (glu), eps,  \
                                   (uint32_t)(r * h), k0, k1, threshold, scale)
 
-#define LN_DISPATCH(ROWS, glu)                                                             \
+/* ROWS(width, arg) with width a compile-time constant for the common h (d_model 32/64/128/256). */
+#define WIDTH_DISPATCH(ROWS, arg)                                                          \
     switch (h) {                                                                           \
-        case 32: ROWS(32, glu); break;                                                     \
-        case 64: ROWS(64, glu); break;                                                     \
-        case 128: ROWS(128, glu); break;                                                   \
-        case 256: ROWS(256, glu); break;                                                   \
-        default: ROWS(h, glu);                                                             \
+        case 32: ROWS(32, arg); break;                                                     \
+        case 64: ROWS(64, arg); break;                                                     \
+        case 128: ROWS(128, arg); break;                                                   \
+        case 256: ROWS(256, arg); break;                                                   \
+        default: ROWS(h, arg);                                                             \
     }
 
 /* z is (rows, h), or (rows, 2h) with glu. */
@@ -324,9 +326,9 @@ void rla_add_dropout_layernorm(const float *restrict x, const float *restrict z,
                                uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     if (glu) {
-        LN_DISPATCH(LN_ROWS, 1)
+        WIDTH_DISPATCH(LN_ROWS, 1)
     } else {
-        LN_DISPATCH(LN_ROWS, 0)
+        WIDTH_DISPATCH(LN_ROWS, 0)
     }
 }
 
@@ -384,9 +386,9 @@ static void add_dropout_layernorm_backward_rows(
         int64_t r1, int64_t h, int64_t glu, uint32_t k0, uint32_t k1, uint32_t threshold,
         float scale) {
     if (glu) {
-        LN_DISPATCH(LN_BACKWARD_ROWS, 1)
+        WIDTH_DISPATCH(LN_BACKWARD_ROWS, 1)
     } else {
-        LN_DISPATCH(LN_BACKWARD_ROWS, 0)
+        WIDTH_DISPATCH(LN_BACKWARD_ROWS, 0)
     }
 }
 
@@ -529,22 +531,15 @@ static inline __attribute__((always_inline)) void attention_row(
     small_matmul(kept, len, 1, len, len, base + 2 * h, row, out + b * len * h, h, h, 0);
 }
 
-/* Runs ROW(b, width) for every batch row, with width a compile-time constant for the common h. */
-#define BATCH_ROWS(ROW, width)                                                             \
+/* Runs ROW(b, width) for every batch row, with width a constant for the common h. */
+#define BATCH_ROWS(width, ROW)                                                             \
     do {                                                                                   \
         _Pragma("omp parallel for schedule(static) if (work)")                             \
         for (int64_t b = 0; b < batch; ++b) {                                              \
             ROW(b, width);                                                                 \
         }                                                                                  \
     } while (0)
-#define FOR_EACH_BATCH_ROW(ROW)                                                            \
-    switch (h) {                                                                           \
-        case 32: BATCH_ROWS(ROW, 32); break;                                               \
-        case 64: BATCH_ROWS(ROW, 64); break;                                               \
-        case 128: BATCH_ROWS(ROW, 128); break;                                             \
-        case 256: BATCH_ROWS(ROW, 256); break;                                             \
-        default: BATCH_ROWS(ROW, h);                                                       \
-    }
+#define FOR_EACH_BATCH_ROW(ROW) WIDTH_DISPATCH(BATCH_ROWS, ROW)
 
 void rla_attention(const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
                    float *restrict weights, int64_t batch, int64_t len, int64_t h, float scale,

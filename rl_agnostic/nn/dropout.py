@@ -25,9 +25,11 @@ from torch import Tensor, nn
 from rl_agnostic.nn.native import kernels
 
 
-def draw_seed() -> int:
-    """A mask seed from torch's default generator (so ``torch.manual_seed`` fixes the masks)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+def draw_seed(p: float) -> int:
+    """A mask seed for dropout rate p from torch's default generator (so ``torch.manual_seed``
+    fixes the masks); 0 without a draw when p = 0 (nothing is dropped: torch's RNG stream is left
+    alone)."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
 
 
 def mask_args(seed: int, p: float) -> tuple[int, int, float]:
@@ -52,7 +54,7 @@ def use_native(x: Tensor, p: float) -> bool:
 class _NativeDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        ctx.seed, ctx.p = draw_seed(), p
+        ctx.seed, ctx.p = draw_seed(p), p
         x = x.contiguous()
         return _run("rla_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
 
@@ -66,7 +68,7 @@ class _NativeDropout(torch.autograd.Function):
 class _NativeGeluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        ctx.seed, ctx.p = (draw_seed() if p > 0.0 else 0), p  # p = 0: no draw from torch's RNG
+        ctx.seed, ctx.p = draw_seed(p), p
         x = x.contiguous()
         ctx.save_for_backward(x)
         return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=ctx.seed, p=p)
@@ -82,7 +84,7 @@ class _NativeGeluDropout(torch.autograd.Function):
 def keep_mask(shape: torch.Size, p: float) -> Tensor:
     """The fallback's mask: float32 tensor of `shape`, 1/(1-p) with probability 1-p, else 0."""
     n = int(np.prod(shape)) if len(shape) else 1
-    bits = np.random.SFC64(draw_seed()).random_raw((n + 1) // 2).view(np.int32)[:n]
+    bits = np.random.SFC64(draw_seed(p)).random_raw((n + 1) // 2).view(np.int32)[:n]
     # int32 view of uniform 32-bit words: P(bits < -2^31 + p·2^32) = p.
     keep = (bits >= np.int32(round(-(2**31) + p * 2**32))).view(np.uint8)
     # uint8 → float32 is ~10x faster in torch than bool → float32.
@@ -134,7 +136,7 @@ def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
         if graph:
             return _NativeGeluDropout.apply(x, p)
         x = x.contiguous()
-        return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=draw_seed() if p else 0, p=p)
+        return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=draw_seed(p), p=p)
     return dropout(F.gelu(x), p, training)
 
 
@@ -144,7 +146,7 @@ def _add_dropout_layernorm(x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p
     h = x.shape[-1]
     rows = x.numel() // h
     y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
-    seed = draw_seed() if p > 0.0 else 0
+    seed = draw_seed(p)
     kernels().rla_add_dropout_layernorm(
         x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
         xhat.data_ptr(), rstd.data_ptr(), rows, h, int(glu), eps, *mask_args(seed, p))
@@ -206,7 +208,7 @@ class _NativeSoftmaxDropout(torch.autograd.Function):
     def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
         x = x.contiguous()
         w, out = torch.empty_like(x), torch.empty_like(x)
-        ctx.seed, ctx.p = draw_seed(), p
+        ctx.seed, ctx.p = draw_seed(p), p
         length = x.shape[-1]
         kernels().rla_softmax_dropout(x.data_ptr(), w.data_ptr(), out.data_ptr(),
                                       x.numel() // length, length, *mask_args(ctx.seed, p))

@@ -49,7 +49,7 @@ def _native_attention(qkv: Tensor, valid: Tensor | None, p: float) -> tuple[Tens
     b, length, h3 = qkv.shape
     h = h3 // 3
     out, weights = qkv.new_empty(b, length, h), qkv.new_empty(b, length, length)
-    seed = draw_seed() if p > 0.0 else 0
+    seed = draw_seed(p)
     mask = None if valid is None else valid.contiguous().view(torch.uint8)
     kernels().rla_attention(qkv.data_ptr(), None if mask is None else mask.data_ptr(),
                             out.data_ptr(), weights.data_ptr(), b, length, h, h ** -0.5,
