@@ -182,6 +182,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
 def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, int]:
     """Parameters of each multi-env agent's network serving the envs of ``phase`` AND of the
     phase it transferred from (built from the runs' saved env specs, not trained)."""
+    from rl_agnostic.envs.make import env_spec
     from rl_agnostic.envs.spec import EnvSpec
     from rl_agnostic.experiments.run import run_done
     from rl_agnostic.nn import build_actor_critic
@@ -200,8 +201,12 @@ def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, i
             continue
         specs = {}
         for r in (pre, new):
-            policy = load_policy_file(run_dir(r.config).absolute())
-            specs.update({e: EnvSpec(**s) for e, s in policy["specs"].items()})
+            directory = run_dir(r.config).absolute()
+            if (directory / "checkpoints").is_dir():
+                policy = load_policy_file(directory)
+                specs.update({e: EnvSpec(**s) for e, s in policy["specs"].items()})
+            else:  # run records without weights (as committed): the specs of the config's envs
+                specs.update({e.env_id: env_spec(e.env_id, **e.kwargs) for e in r.config.envs})
         net = build_actor_critic(new.config.model.kind, new.config.model.network, specs.values())
         counts[agent] = sum(p.numel() for p in net.parameters())
     return counts
