@@ -181,12 +181,10 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
 
 def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, int]:
     """Parameters of each multi-env agent's network serving the envs of ``phase`` AND of the
-    phase it transferred from (built from the runs' saved env specs, not trained)."""
+    phase it transferred from (built from the envs of the runs' configs, not trained)."""
     from rl_agnostic.envs.make import env_spec
-    from rl_agnostic.envs.spec import EnvSpec
     from rl_agnostic.experiments.run import run_done
     from rl_agnostic.nn import build_actor_critic
-    from rl_agnostic.online.trainer import load_policy_file
 
     counts = {}
     by_key = {(r.phase, r.agent, r.mode, r.seed): r for r in runs}
@@ -199,14 +197,9 @@ def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, i
         new = by_key.get((phase.name, agent, "transfer", seed))
         if pre is None or new is None or run_done(pre) is None or run_done(new) is None:
             continue
-        specs = {}
-        for r in (pre, new):
-            directory = run_dir(r.config).absolute()
-            if (directory / "checkpoints").is_dir():
-                policy = load_policy_file(directory)
-                specs.update({e: EnvSpec(**s) for e, s in policy["specs"].items()})
-            else:  # run records without weights (as committed): the specs of the config's envs
-                specs.update({e.env_id: env_spec(e.env_id, **e.kwargs) for e in r.config.envs})
+        # from the runs' configs, not their checkpoints: committed run records carry no weights
+        specs = {e.env_id: env_spec(e.env_id, **e.kwargs)
+                 for r in (pre, new) for e in r.config.envs}
         net = build_actor_critic(new.config.model.kind, new.config.model.network, specs.values())
         counts[agent] = sum(p.numel() for p in net.parameters())
     return counts
