@@ -33,9 +33,14 @@ demo: install
 	@echo "rl-agnostic demo $(DEMO_ARGS)"
 	@"$(SCRIPTS)/rl-agnostic" demo $(DEMO_ARGS)
 
+# Two pytest workers (pytest-xdist), each test file on one of them so that a file's Ray
+# cluster fixture starts once: the Ray tests mostly wait on actors, so two files overlap well
+# on 2 cores. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 # pytest exit 5 means it collected no test: say so loudly and pass; any other failure fails.
 test: install-test
-	@rc=0; $(PYTHON) -m pytest tests -q $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PYTHON) -m pytest tests -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) \
+		|| rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 		echo "make test: WARNING: pytest collected no tests (exit 5): nothing was tested"; \
 		exit 0; \

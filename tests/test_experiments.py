@@ -76,6 +76,16 @@ def test_an_experiment_sharing_runs_takes_their_settings_unless_it_sets_its_own(
         load_experiment(_write(tmp_path, sharing), "cpu")
 
 
+def test_transfer_start_settings_reach_only_transfer_runs(tmp_path):
+    text = BASE.replace("agn: {model: {kind: agnostic}}",
+                        "agn: {model: {kind: agnostic}, train: {run: {transfer_shrink: 0.5}}}")
+    runs = load_experiment(_write(tmp_path, text), "cpu").runs("/tmp/o")
+    shrink = {(r.phase, r.agent, r.mode): r.config.run.transfer_shrink for r in runs}
+    assert shrink == {("a", "single", "single"): 1.0, ("a", "agn", "plain"): 1.0,
+                      ("b", "single", "single"): 1.0, ("b", "agn", "transfer"): 0.5,
+                      ("b", "agn", "scratch"): 1.0}
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(text)
@@ -231,7 +241,8 @@ def test_runs_saved_before_a_field_existed_are_reused_only_when_it_changes_nothi
         tiny_results, tmp_path):
     """Configs written before `encoder_position` existed ran without encoder codes: a single-env
     run (no agnostic encoder) is the same run today, an agnostic one is not. Env entries written
-    before `gamma` existed ran with ppo.gamma, today's default."""
+    before `gamma` existed ran with ppo.gamma, today's default, and run sections written before
+    `transfer_shrink`/`transfer_reinit` existed with theirs."""
     from rl_agnostic.experiments.run import check_run_dir
 
     out, _, _ = tiny_results
@@ -245,6 +256,7 @@ def test_runs_saved_before_a_field_existed_are_reused_only_when_it_changes_nothi
         del saved["model"]["network"]["encoder_position"]
         for entry in saved["envs"]:
             del entry["gamma"]
+        del saved["run"]["transfer_shrink"], saved["run"]["transfer_reinit"]
         cfg_file.write_text(yaml.safe_dump(saved))
     check_run_dir(runs["pretrain/single-env_CartPole-v1"])
     with pytest.raises(ConfigError, match="different config.*model.network"):

@@ -54,6 +54,10 @@ def test_quickstart_has_three_env_types_with_both_action_kinds():
     (base(ppo={"num_minibatches": 7}), "must divide"),
     (base(envs=[{"id": "Pendulum-v1", "gamma": 1.5}]), "envs[0].gamma must be a number in (0, 1]"),
     (base(envs=[{"id": "Pendulum-v1", "gamma": "0.9"}]), "envs[0].gamma must be a number"),
+    (base(run={"transfer_shrink": 0}), "run.transfer_shrink must be in (0, 1]"),
+    (base(run={"transfer_shrink": 1.5}), "run.transfer_shrink must be in (0, 1]"),
+    (base(run={"transfer_reinit": "critic_trunk"}), "run.transfer_reinit must be list"),
+    (base(run={"transfer_reinit": ["critic_trunk", 3]}), "run.transfer_reinit must be a list of"),
 ])
 def test_bad_config_is_rejected_with_a_specific_message(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -233,6 +237,43 @@ def test_init_from_or_resuming_a_checkpoint_whose_weights_mean_another_function_
     (ckpt.parent / "latest").write_text(ckpt.name)
     with pytest.raises(ValueError, match=f"resuming from .*{message}"):
         OnlineTrainer(cfg, resume=True)
+    assert not ray.is_initialized()
+
+
+def test_transferred_weights_skip_mismatches_and_reinit_prefixes_and_blend_with_fresh_init():
+    from rl_agnostic.online.trainer import transferred_weights
+
+    pre = {"actor.w": np.full(3, 4.0, np.float32), "critic.w": np.ones(2, np.float32),
+           "actor.steps": np.array([7]), "enc.CartPole.w": np.ones(4), "dec.w": np.ones(5)}
+    fresh = {"actor.w": np.zeros(3, np.float32), "critic.w": np.zeros(2, np.float32),
+             "actor.steps": np.array([0]), "dec.w": np.zeros(6), "enc.Acrobot.w": np.zeros(4)}
+    plain = transferred_weights(pre, fresh)
+    assert set(plain) == {"actor.w", "critic.w", "actor.steps"}  # shape and name must match
+    np.testing.assert_array_equal(plain["actor.w"], pre["actor.w"])
+    out = transferred_weights(pre, fresh, reinit=["critic"], shrink=0.25)
+    assert set(out) == {"actor.w", "actor.steps"}
+    np.testing.assert_allclose(out["actor.w"], 1.0)  # 0.25·4 + 0.75·0
+    assert out["actor.w"].dtype == np.float32
+    assert out["actor.steps"][0] == 7  # integer buffers are copied, never blended
+
+
+def test_a_transfer_reinit_prefix_naming_no_weight_fails_before_ray(tmp_path):
+    import torch
+
+    from rl_agnostic.nn import EnvSpec, NetworkConfig, build_actor_critic
+    from rl_agnostic.online.agent import policy_file_contents
+    from rl_agnostic.online.trainer import OnlineTrainer
+
+    net_cfg = NetworkConfig(d_model=16)
+    spec = EnvSpec(env_id="CartPole-v1", obs_dim=4, action_kind="discrete", action_dim=2)
+    net = build_actor_critic("agnostic", net_cfg, [spec])
+    path = tmp_path / "policy.pt"
+    torch.save(policy_file_contents("agnostic", net_cfg, [spec], net.state_dict(), {}), path)
+    cfg = TrainConfig.from_dict(base(model={"kind": "agnostic", "network": {"d_model": 16}},
+                                     run={"output_dir": str(tmp_path),
+                                          "transfer_reinit": ["critic_trunk", "critc_decoder"]}))
+    with pytest.raises(ConfigError, match="'critc_decoder' matches no weight.*critic_trunk"):
+        OnlineTrainer(cfg, init_from=str(path))
     assert not ray.is_initialized()
 
 

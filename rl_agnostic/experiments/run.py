@@ -19,7 +19,7 @@ import yaml
 
 from rl_agnostic.experiments.spec import Experiment, Run
 from rl_agnostic.nn.config import ConfigError, NetworkConfig
-from rl_agnostic.online.config import EnvEntry
+from rl_agnostic.online.config import EnvEntry, RunSettings
 from rl_agnostic.online.trainer import atomic_write_text, latest_checkpoint, run_dir
 
 DONE_FILE = "done.json"
@@ -45,6 +45,10 @@ def check_run_dir(run: Run) -> None:
     # a run saved before an env-entry field existed (``gamma``) ran with that field's default
     saved["envs"] = [{**dataclasses.asdict(EnvEntry(id=e.get("id"))), **e}
                      if isinstance(e, dict) else e for e in saved.get("envs") or []]
+    # ... and one saved before a run setting existed (``transfer_shrink``), with its default
+    if isinstance(saved.get("run"), dict):
+        saved["run"] = {**dataclasses.asdict(RunSettings()), **saved["run"]}
+        saved["run"].pop("output_dir", None)
     model = saved.get("model")
     if isinstance(model, dict) and isinstance(model.get("network"), dict):
         # a run saved before a network field existed ran with the value that field reproduces

@@ -112,7 +112,8 @@ class Experiment:
                         modes.append("scratch")
                     for mode in modes:
                         name = agent if mode == "plain" else f"{agent}_{mode}"
-                        cfg = self._config(name, phase.envs, overrides, seed, base_dir)
+                        cfg = self._config(name, phase.envs, overrides, seed, base_dir,
+                                           transfer=mode == "transfer")
                         parent = done.get((phase.init_from, agent)) if mode == "transfer" else None
                         run = Run(phase.name, agent, mode, seed, cfg, parent)
                         out.append(run)
@@ -126,10 +127,15 @@ class Experiment:
         return Path(output_dir) / "runs"
 
     def _config(self, name: str, envs: Sequence[EnvEntry], overrides: dict, seed: int,
-                base_dir: Path) -> TrainConfig:
+                base_dir: Path, transfer: bool = False) -> TrainConfig:
         values = _merge(copy.deepcopy(self.train), overrides.get("train", {}))
         values["model"] = _merge(values.get("model", {}), overrides.get("model", {}))
         values.setdefault("run", {})
+        if not transfer:
+            # they only shape a transfer's start: an agent's pretraining and scratch runs are the
+            # same runs with or without them (and stay shared with other experiments)
+            for key in ("transfer_reinit", "transfer_shrink"):
+                values["run"].pop(key, None)
         values["run"].update(seed=seed, output_dir=str(base_dir),
                              env_steps_per_env=self.env_steps_per_env)
         envs = [dataclasses.asdict(e) for e in envs]

@@ -127,6 +127,12 @@ class RunSettings:
     """Run directory parent: <output_dir>/<name>/ holds checkpoints, progress.csv, metrics."""
     evaluation_episodes: int = 0
     """Deterministic evaluation episodes per env at the end (0 = none)."""
+    transfer_reinit: list = field(default_factory=list)
+    """With ``--init-from``: weight-name prefixes NOT copied (kept at fresh init), e.g.
+    ``[critic_trunk, value_decoder]`` to learn the new envs' critic anew."""
+    transfer_shrink: float = 1.0
+    """With ``--init-from``: copied weights become α·pretrained + (1 − α)·fresh init (Ash & Adams'
+    shrink-and-perturb warm start, with the fresh init as the perturbation); 1 = plain copy."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,13 @@ class TrainConfig(SectionedConfig):
                 raise ConfigError(f"{source}: ppo.{name} must be >= 1")
         if r.num_learners == 1:
             raise ConfigError(f"{source}: resources.num_learners must be 0 (driver) or >= 2")
+        run = self.run
+        if not all(isinstance(x, str) and x for x in run.transfer_reinit):
+            raise ConfigError(f"{source}: run.transfer_reinit must be a list of weight-name "
+                              f"prefixes, got {run.transfer_reinit!r}")
+        if not 0.0 < run.transfer_shrink <= 1.0:
+            raise ConfigError(f"{source}: run.transfer_shrink must be in (0, 1], "
+                              f"got {run.transfer_shrink!r}")
 
 
 def parse_envs(values: Any, source: str) -> tuple[EnvEntry, ...]:

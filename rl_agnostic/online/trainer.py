@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from rl_agnostic.envs.spec import EnvSpec
+from rl_agnostic.nn.config import ConfigError
 from rl_agnostic.online.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class OnlineTrainer:
         init_policy = load_policy_file(init_from) if init_from else None
         if init_policy is not None:
             check_checkpoint_compatible(init_policy, cfg, f"--init-from {init_from}")
+            check_transfer_reinit(init_policy, cfg.run.transfer_reinit)
         if resume_from is not None:
             check_checkpoint_compatible(load_policy_file(resume_from), cfg,
                                         f"resuming from {resume_from}")
@@ -157,22 +159,26 @@ class OnlineTrainer:
 
     def _load_weights(self, policy: dict[str, Any]) -> None:
         """Copy matching weights (all of them for the agnostic network; the shared middle and
-        known envs' layers for the specific one) into every learner and runner."""
+        known envs' layers for the specific one) into every learner and runner, except the
+        ``run.transfer_reinit`` prefixes; ``run.transfer_shrink`` < 1 blends each copied
+        floating-point tensor with its fresh init."""
         import torch
         from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 
         from rl_agnostic.online.module import weights_owner
 
         current = self.network_state()
-        loaded = {k: v for k, v in policy["network"].items()
-                  if k in current and np.shape(v) == np.shape(current[k])}
-        new = {**current, **{k: np.asarray(v) for k, v in loaded.items()}}
+        loaded = transferred_weights(policy["network"], current, self.cfg.run.transfer_reinit,
+                                     self.cfg.run.transfer_shrink)
+        new = {**current, **loaded}
         self.algo.learner_group.set_state({COMPONENT_LEARNER: {COMPONENT_RL_MODULE: {
             weights_owner(self.cfg.env_ids): {f"network.{k}": torch.as_tensor(v) for k, v in new.items()}}}})
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
                                                 inference_only=True)
+        alpha = self.cfg.run.transfer_shrink
+        blend = f", blended {alpha:g}·pretrained + {1 - alpha:g}·fresh" if alpha < 1.0 else ""
         self.log(f"  loaded {len(loaded)}/{len(current)} weight tensors "
-                 f"({len(current) - len(loaded)} new)")
+                 f"({len(current) - len(loaded)} fresh{blend})")
 
     def obs_stats(self) -> dict[str, dict]:
         from rl_agnostic.online.normalize import PerEnvObsNormalizer
@@ -316,6 +322,35 @@ def check_checkpoint_compatible(policy: dict[str, Any], cfg: TrainConfig | Offli
         raise ValueError(f"{source}: the network config differs in fields that "
                          f"change what the same weights compute ({detail}); set them in "
                          f"model.network to the checkpoint's values")
+
+
+def transferred_weights(pretrained: dict[str, Any], fresh: dict[str, Any],
+                        reinit: list[str] | tuple[str, ...] = (),
+                        shrink: float = 1.0) -> dict[str, np.ndarray]:
+    """The tensors of ``pretrained`` to load over the ``fresh`` init: those whose name and shape
+    match, minus the names starting with a ``reinit`` prefix; floating-point ones become
+    ``shrink``·pretrained + (1 − ``shrink``)·fresh."""
+    out = {}
+    for name, value in pretrained.items():
+        value = np.asarray(value)
+        if name not in fresh or value.shape != np.shape(fresh[name]) \
+                or name.startswith(tuple(reinit)):
+            continue
+        if shrink < 1.0 and np.issubdtype(value.dtype, np.floating):
+            value = (shrink * value + (1.0 - shrink) * np.asarray(fresh[name])).astype(value.dtype)
+        out[name] = value
+    return out
+
+
+def check_transfer_reinit(policy: dict[str, Any], prefixes: list[str]) -> None:
+    """Every ``run.transfer_reinit`` prefix must name some weight of the policy: a typo would
+    otherwise silently copy everything."""
+    names = list(policy["network"])
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"run.transfer_reinit: {prefix!r} matches no weight of the "
+                              f"--init-from policy (its top-level names: {', '.join(tops)})")
 
 
 def load_policy_file(path: str | Path) -> dict[str, Any]:
