@@ -19,10 +19,13 @@ pretrained checkpoint and with the committed transfer run's config otherwise unc
 Scores as in the experiment report (`rl_agnostic.experiments.report`): *final* = mean training
 return over the last 10 % of iterations, normalized with the experiment's committed random and
 reference scores, compared per env with the committed specific-agent transfer and agnostic
-scratch runs of the same seed. ``auc`` = mean return over all iterations (less noisy than final).
+scratch runs, on the mean over the seeds both have. ``auc`` = mean return over all iterations
+(less noisy than final). A variant picked as the best of several on one seed needs another seed
+to count: the report shows each seed.
 
-Writes ``results/transfer_init/{results.md,results.json,curves.png}`` and keeps each variant's run
-record (config.yaml, metrics.jsonl) under ``results/transfer_init/runs/seed<k>/<variant>/``.
+Writes ``results/transfer_init/{results.md,results.json,curves.png}`` over every seed with run
+records, which are kept (config.yaml, metrics.jsonl) under
+``results/transfer_init/runs/seed<k>/<variant>/``.
 
     python benchmarks/transfer_init.py                      # seed 0: pretrain ~10 min + ~11 min per variant
     python benchmarks/transfer_init.py --pretrained DIR     # reuse an agnostic-s4 pretrain run
@@ -115,31 +118,58 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
             "init_from": None if variant in SCRATCH else str(pretrained)}))
 
 
-def collect(seed: int, variants: list[str], out: Path = OUT) -> dict:
+def collect(variants: list[str], out: Path = OUT) -> dict:
+    """Scores of every variant on every seed with a run record, and of the compared runs."""
     exp = json.loads((EXPERIMENT / "results.json").read_text())
     phase = exp["phases"]["transfer"]
     envs, ref, rand = phase["envs"], phase["reference"], exp["random"]
-    paths = {v: out / "runs" / f"seed{seed}" / v / "metrics.jsonl" for v in variants}
-    paths |= {label: committed_run(seed, "transfer", name) / "metrics.jsonl"
-              for label, name in COMPARED.items()}
-    rows: dict[str, dict] = {}
-    curves: dict[str, dict] = {}
-    for label, path in paths.items():
-        if not path.is_file():
+    seeds = sorted(int(d.name[4:]) for d in (out / "runs").glob("seed*"))
+    paths: dict[str, dict[int, Path]] = {}
+    for seed in seeds:
+        for v in variants:
+            paths.setdefault(v, {})[seed] = out / "runs" / f"seed{seed}" / v / "metrics.jsonl"
+        for label, name in COMPARED.items():
+            paths.setdefault(label, {})[seed] = \
+                committed_run(seed, "transfer", name) / "metrics.jsonl"
+    runs: dict[str, dict[int, dict]] = {}  # label → seed → env → final, auc
+    curves: dict[str, dict[int, dict]] = {}
+    for label, by_seed in paths.items():
+        for seed, path in by_seed.items():
+            if not path.is_file():
+                continue
+            c = load_curves(path, envs)
+            curves.setdefault(label, {})[seed] = c
+            runs.setdefault(label, {})[seed] = {
+                e: {"final": final_score(c[e], FINAL_FRACTION),
+                    "auc": float(np.mean([r for _, r in c[e]])) if c[e] else None} for e in envs}
+
+    def score(label: str, seeds_: list[int], key: str = "final") -> dict[str, float]:
+        return {e: float(np.mean([runs[label][s][e][key] for s in seeds_])) for e in envs}
+
+    rows, wins = {}, {}
+    for label, by_seed in runs.items():
+        own = sorted(by_seed)
+        final, auc = score(label, own), score(label, own, "auc")
+        rows[label] = {"seeds": own, **{e: {
+            "final": final[e], "auc": auc[e], "finals": [by_seed[s][e]["final"] for s in own],
+            "normalized_final": normalize(final[e], rand[e], ref.get(e))} for e in envs}}
+    against = [label for label in [*COMPARED, *sorted(SCRATCH)] if label in runs]
+    for v in variants:
+        if v not in runs or v in SCRATCH:
             continue
-        curves[label] = load_curves(path, envs)
-        rows[label] = {}
-        for e in envs:
-            final = final_score(curves[label][e], FINAL_FRACTION)
-            auc = float(np.mean([r for _, r in curves[label][e]])) if curves[label][e] else None
-            rows[label][e] = {"final": final, "auc": auc,
-                              "normalized_final": normalize(final, rand[e], ref.get(e))}
-    against = [label for label in [*COMPARED, *sorted(SCRATCH)] if label in rows]
-    wins = {v: {label: sum(rows[v][e]["final"] >= rows[label][e]["final"] for e in envs)
-                for label in against}
-            for v in variants if v in rows and v not in SCRATCH}
+        own = sorted(runs[v])
+        wins[v] = {"seeds": own}
+        for label in against:
+            common = [s for s in own if s in runs[label]]
+            if not common:
+                continue
+            mine, theirs = score(v, common), score(label, common)
+            wins[v][label] = {
+                "mean": sum(mine[e] >= theirs[e] for e in envs),
+                "per_seed": [sum(runs[v][s][e]["final"] >= runs[label][s][e]["final"]
+                                 for e in envs) for s in common]}
     means = {label: _mean([r[e]["normalized_final"] for e in envs]) for label, r in rows.items()}
-    return {"seed": seed, "envs": envs, "random": {e: rand[e] for e in envs},
+    return {"seeds": seeds, "envs": envs, "random": {e: rand[e] for e in envs},
             "reference": ref, "rows": rows, "wins": wins, "normalized_final_mean": means,
             "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows}}
 
@@ -154,35 +184,42 @@ def _f(x: float | None, digits: int = 1) -> str:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    labels, envs = list(res["rows"]), res["envs"]
-    head = "| env | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels)
+    labels, envs, rows = list(res["rows"]), res["envs"], res["rows"]
+    names = [f"{lab} (seed{'s' if len(rows[lab]['seeds']) > 1 else ''} "
+             f"{', '.join(map(str, rows[lab]['seeds']))})" for lab in labels]
+    head = "| env | " + " | ".join(names) + " |\n|---|" + "---|" * len(labels)
     lines = [
         "# Agnostic transfer: how the weights start (mix_to_mix, cpu scale)", "",
-        f"Seed {res['seed']}, 25k env steps per new env. One agnostic S4 pretraining on the 8 "
-        "pretraining envs, then the transfer phase with each start; the specific-transfer and "
-        "agnostic-scratch columns are `mix_to_mix`'s committed runs of the same seed. Variants: "
+        "25k env steps per new env. The agnostic S4 agent's `mix_to_mix` pretraining (the "
+        "committed config of each seed, re-run: pretraining and transfer are deterministic for a "
+        "seed), then the transfer phase with each start; the specific-transfer and "
+        "agnostic-scratch columns are `mix_to_mix`'s committed runs. Variants: "
         + "; ".join(f"`{v}` {json.dumps(o) if o else '(every weight copied)'}"
                     for v, o in res["variants"].items()) + ".", "",
-        "Final normalized score (final = mean training return over the last 10 % of iterations; "
-        "normalized with the experiment's random and reference scores):", "", head]
+        ("Final normalized score (final = mean training return over the last 10 % of iterations, "
+        "mean over the seeds in the column's name; normalized with the experiment's random and "
+        "reference scores), final return in brackets:"), "", head]
     for e in envs:
         lines.append(f"| {e} | " + " | ".join(
-            f"{_f(res['rows'][lab][e]['normalized_final'])} ({_f(res['rows'][lab][e]['final'])})"
+            f"{_f(rows[lab][e]['normalized_final'])} ({_f(rows[lab][e]['final'])})"
             for lab in labels) + " |")
     lines.append("| **mean** (defined envs) | " + " | ".join(
         f"**{_f(res['normalized_final_mean'][lab])}**" for lab in labels) + " |")
     lines += ["", "Mean return over all iterations (area under the learning curve):", "", head]
     for e in envs:
-        lines.append(f"| {e} | " + " | ".join(_f(res["rows"][lab][e]["auc"]) for lab in labels)
-                     + " |")
-    against = list(next(iter(res["wins"].values()), {}))
-    lines += ["", "New envs (of 8) where the variant's final return is ≥ the compared run's:", "",
-              "| variant | " + " | ".join(against) + " |", "|---|" + "---|" * len(against)]
+        lines.append(f"| {e} | " + " | ".join(_f(rows[lab][e]["auc"]) for lab in labels) + " |")
+    against = [a for a in [*COMPARED, *sorted(SCRATCH)] if a in rows]
+    lines += ["", ("New envs (of 8) where the variant's final return is ≥ the compared run's, on "
+              "the mean over the seeds both have (per seed in brackets):"), "",
+              "| variant | seeds | " + " | ".join(against) + " |",
+              "|---|---|" + "---|" * len(against)]
     for v, w in res["wins"].items():
-        lines.append(f"| {v} | " + " | ".join(f"{w[c]}/8" for c in against) + " |")
+        cells = [f"{w[a]['mean']}/8 ({', '.join(map(str, w[a]['per_seed']))})" if a in w else "–"
+                 for a in against]
+        lines.append(f"| {v} | {', '.join(map(str, w['seeds']))} | " + " | ".join(cells) + " |")
     lines += ["", "![learning curves](curves.png)", "",
-              "Reproduce: `python benchmarks/transfer_init.py --seed "
-              f"{res['seed']}` (`--report-only` rewrites this from the run records)."]
+              ("Reproduce: `python benchmarks/transfer_init.py --seed K [--variants ...]` per seed "
+              "(`--report-only` rewrites this from the run records).")]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -194,19 +231,23 @@ def plot(res: dict, path: Path) -> None:
 
     envs = res["envs"]
     fig, axes = plt.subplots(2, 4, figsize=(17, 6.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, e in zip(axes.ravel(), envs):
-        for label, curve in res["curves"].items():
-            if curve[e]:
-                x, y = zip(*curve[e])
-                ax.plot(x, y, label=label,
-                        ls="--" if label in COMPARED or label in SCRATCH else "-")
+        for i, (label, by_seed) in enumerate(res["curves"].items()):
+            for k, seed in enumerate(sorted(by_seed)):
+                if by_seed[seed][e]:
+                    x, y = zip(*by_seed[seed][e])
+                    ax.plot(x, y, color=colors[i % len(colors)], lw=1.0,
+                            ls="--" if label in COMPARED or label in SCRATCH else "-",
+                            alpha=1.0 if k == 0 else 0.5, label=label if k == 0 else None)
         ax.axhline(res["random"][e], color="grey", ls=":", label="random")
         ax.set_title(e, fontsize=10)
         ax.set_xlabel("env steps (this env)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
-    fig.suptitle(f"mix_to_mix transfer, agnostic S4, weight-init variants (seed {res['seed']})")
+    fig.suptitle("mix_to_mix transfer, agnostic S4, weight-init variants "
+                 f"(seeds {', '.join(map(str, res['seeds']))}; a lighter line per further seed)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -215,7 +256,8 @@ def plot(res: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="to train (and to report)")
     parser.add_argument("--pretrained", type=Path, help="agnostic-s4 pretrain run directory")
     parser.add_argument("--work", type=Path, default=Path("runs/transfer_init"),
                         help="where the checkpoints go (not committed)")
@@ -227,14 +269,16 @@ def main() -> None:
     if not args.report_only:
         run_variants(args.seed, args.variants, args.pretrained, args.work.absolute(),
                      args.rerun_plain, args.out)
-    res = collect(args.seed, args.variants, args.out)
+    res = collect(args.variants, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, args.out / "results.md")
     plot(res, args.out / "curves.png")
     for v, w in res["wins"].items():
-        print(f"{v:13s} normalized final mean {_f(res['normalized_final_mean'][v])}; "
-              + ", ".join(f"≥ {c} on {n}/8" for c, n in w.items()))
+        print(f"{v:16s} seeds {w['seeds']}: normalized final mean "
+              f"{_f(res['normalized_final_mean'][v])}; "
+              + ", ".join(f"≥ {c} on {w[c]['mean']}/8 {w[c]['per_seed']}"
+                          for c in w if c != "seeds"))
     print(f"wrote {args.out / 'results.md'}")
 
 

@@ -25,8 +25,14 @@ def test_plain_variant_reproduces_the_experiment_reports_seed0_scores(tmp_path):
     for label, theirs in [("plain", "agnostic-s4 (transfer)"),
                           ("specific (transfer)", "specific (transfer)"),
                           ("agnostic-s4 (scratch)", "agnostic-s4 (scratch)")]:
-        for env, row in res["rows"][label].items():
-            assert row["final"] == pytest.approx(scores[theirs][env]["final"]["returns"][0]), env
+        assert res["rows"][label]["seeds"] == [0]
+        for env in res["envs"]:
+            assert res["rows"][label][env]["final"] == pytest.approx(
+                scores[theirs][env]["final"]["returns"][0]), env
     wins = res["wins"]["plain"]
-    assert set(wins) == {"specific (transfer)", "agnostic-s4 (scratch)"}
-    assert all(0 <= n <= 8 for n in wins.values())
+    assert set(wins) == {"seeds", "specific (transfer)", "agnostic-s4 (scratch)"}
+    for against, theirs in [("specific (transfer)", "specific (transfer)"),
+                            ("agnostic-s4 (scratch)", "agnostic-s4 (scratch)")]:
+        expected = sum(scores["agnostic-s4 (transfer)"][e]["final"]["returns"][0]
+                       >= scores[theirs][e]["final"]["returns"][0] for e in res["envs"])
+        assert wins[against] == {"mean": expected, "per_seed": [expected]}

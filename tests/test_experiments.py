@@ -78,7 +78,7 @@ def test_an_experiment_sharing_runs_takes_their_settings_unless_it_sets_its_own(
 
 def test_transfer_start_settings_reach_only_transfer_runs(tmp_path):
     text = BASE.replace("agn: {model: {kind: agnostic}}",
-                        "agn: {model: {kind: agnostic}, train: {run: {transfer_shrink: 0.5}}}")
+                        "agn: {model: {kind: agnostic}, transfer: {run: {transfer_shrink: 0.5}}}")
     runs = load_experiment(_write(tmp_path, text), "cpu").runs("/tmp/o")
     shrink = {(r.phase, r.agent, r.mode): r.config.run.transfer_shrink for r in runs}
     assert shrink == {("a", "single", "single"): 1.0, ("a", "agn", "plain"): 1.0,

@@ -71,7 +71,8 @@ class Experiment:
     description: str
     phases: tuple[Phase, ...]
     agents: dict[str, dict]
-    """Agent name → ``{model: …, train: …}`` overrides of the scale's run settings."""
+    """Agent name → ``{model: …, train: …, transfer: …}`` overrides of the scale's run settings
+    (``transfer``: on top of ``train``, for the agent's transfer runs only)."""
     reference: str
     """The single-env agent whose best score per env is the normalized score's 100."""
     primary: str | None
@@ -130,12 +131,9 @@ class Experiment:
                 base_dir: Path, transfer: bool = False) -> TrainConfig:
         values = _merge(copy.deepcopy(self.train), overrides.get("train", {}))
         values["model"] = _merge(values.get("model", {}), overrides.get("model", {}))
+        if transfer:  # the agent's transfer-only settings (e.g. run.transfer_shrink)
+            values = _merge(values, overrides.get("transfer", {}))
         values.setdefault("run", {})
-        if not transfer:
-            # they only shape a transfer's start: an agent's pretraining and scratch runs are the
-            # same runs with or without them (and stay shared with other experiments)
-            for key in ("transfer_reinit", "transfer_shrink"):
-                values["run"].pop(key, None)
         values["run"].update(seed=seed, output_dir=str(base_dir),
                              env_steps_per_env=self.env_steps_per_env)
         envs = [dataclasses.asdict(e) for e in envs]
@@ -203,7 +201,7 @@ def load_experiment(name_or_path: str | Path, scale: str = "cpu",
     for name, over in agents.items():
         if not isinstance(over, dict):
             raise ConfigError(f"{source}: agents.{name} must be a mapping")
-        check_keys(over, ["model", "train"], f"{source}: agents.{name}")
+        check_keys(over, ["model", "train", "transfer"], f"{source}: agents.{name}")
     phases = _parse_phases(values["phases"], agents, source)
     scales = values["scales"]
     if not isinstance(scales, dict) or scale not in scales:
