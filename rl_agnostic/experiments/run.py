@@ -39,16 +39,15 @@ def check_run_dir(run: Run) -> None:
         return
     saved = yaml.safe_load(path.read_text())
     wanted = run.config.to_dict()
+    # a run saved before a run setting existed (``transfer_shrink``) ran with its default
+    if isinstance(saved.get("run"), dict):
+        saved["run"] = {**dataclasses.asdict(RunSettings()), **saved["run"]}
     # the results directory may have moved since
     saved.get("run", {}).pop("output_dir", None)
     wanted["run"].pop("output_dir", None)
-    # a run saved before an env-entry field existed (``gamma``) ran with that field's default
+    # ... and one saved before an env-entry field existed (``gamma``) with that field's default
     saved["envs"] = [{**dataclasses.asdict(EnvEntry(id=e.get("id"))), **e}
                      if isinstance(e, dict) else e for e in saved.get("envs") or []]
-    # ... and one saved before a run setting existed (``transfer_shrink``), with its default
-    if isinstance(saved.get("run"), dict):
-        saved["run"] = {**dataclasses.asdict(RunSettings()), **saved["run"]}
-        saved["run"].pop("output_dir", None)
     model = saved.get("model")
     if isinstance(model, dict) and isinstance(model.get("network"), dict):
         # a run saved before a network field existed ran with the value that field reproduces

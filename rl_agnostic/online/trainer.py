@@ -168,14 +168,14 @@ class OnlineTrainer:
         from rl_agnostic.online.module import weights_owner
 
         current = self.network_state()
+        alpha = self.cfg.run.transfer_shrink
         loaded = transferred_weights(policy["network"], current, self.cfg.run.transfer_reinit,
-                                     self.cfg.run.transfer_shrink)
+                                     alpha)
         new = {**current, **loaded}
         self.algo.learner_group.set_state({COMPONENT_LEARNER: {COMPONENT_RL_MODULE: {
             weights_owner(self.cfg.env_ids): {f"network.{k}": torch.as_tensor(v) for k, v in new.items()}}}})
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
                                                 inference_only=True)
-        alpha = self.cfg.run.transfer_shrink
         blend = f", blended {alpha:g}·pretrained + {1 - alpha:g}·fresh" if alpha < 1.0 else ""
         self.log(f"  loaded {len(loaded)}/{len(current)} weight tensors "
                  f"({len(current) - len(loaded)} fresh{blend})")
@@ -330,11 +330,10 @@ def transferred_weights(pretrained: dict[str, Any], fresh: dict[str, Any],
     """The tensors of ``pretrained`` to load over the ``fresh`` init: those whose name and shape
     match, minus the names starting with a ``reinit`` prefix; floating-point ones become
     ``shrink``·pretrained + (1 − ``shrink``)·fresh."""
-    out = {}
+    out, reinit = {}, tuple(reinit)
     for name, value in pretrained.items():
         value = np.asarray(value)
-        if name not in fresh or value.shape != np.shape(fresh[name]) \
-                or name.startswith(tuple(reinit)):
+        if name not in fresh or value.shape != np.shape(fresh[name]) or name.startswith(reinit):
             continue
         if shrink < 1.0 and np.issubdtype(value.dtype, np.floating):
             value = (shrink * value + (1.0 - shrink) * np.asarray(fresh[name])).astype(value.dtype)
