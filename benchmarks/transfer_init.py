@@ -14,7 +14,10 @@ pretrained checkpoint and with the committed transfer run's config otherwise unc
 - ``lr-2x``: every weight copied, the three learning rates doubled;
 - ``shrink-0.5+lr-2x``: both;
 - ``scratch+lr-2x``: NO transfer, fresh weights at the doubled learning rates (the scratch
-  baseline of the ``lr-2x`` variants).
+  baseline of the ``lr-2x`` variants);
+- ``specific+shrink-0.5+lr-2x``: the SPECIFIC agent's transfer with the same start (its own
+  pretraining re-run; its new envs' encoder/decoder layers are fresh in any case): is the
+  agnostic agent's gain over the specific one the start's, available to both?
 
 Scores as in the experiment report (`rl_agnostic.experiments.report`): *final* = mean training
 return over the last 10 % of iterations, normalized with the experiment's committed random and
@@ -57,8 +60,15 @@ VARIANTS: dict[str, dict] = {
     "shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
                          "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
     "scratch+lr-2x": {"ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
+    "specific+shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
+                                  "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
 }
+# The agent a variant trains (default the agnostic S4 agent): its mix_to_mix run names.
+AGENTS = {"agnostic": ("agnostic-s4", "agnostic-s4_transfer"),
+          "specific": ("specific", "specific_transfer")}
 SCRATCH = {"scratch+lr-2x"}  # trained from a fresh init: is a variant's gain the lr's alone?
+# Variants that are baselines: the agnostic variants are compared with them, not ranked.
+BASELINE_VARIANTS = ["scratch+lr-2x", "specific+shrink-0.5+lr-2x"]
 COMPARED = {"specific (transfer)": "specific_transfer", "agnostic-s4 (scratch)": "agnostic-s4_scratch"}
 FINAL_FRACTION = 0.1
 
@@ -67,8 +77,12 @@ def committed_run(seed: int, phase: str, name: str) -> Path:
     return EXPERIMENT / "runs" / phase / f"seed{seed}" / name
 
 
+def agent_of(variant: str) -> str:
+    return "specific" if variant.startswith("specific+") else "agnostic"
+
+
 def variant_config(seed: int, variant: str, work: Path) -> dict:
-    cfg = yaml.safe_load((committed_run(seed, "transfer", "agnostic-s4_transfer")
+    cfg = yaml.safe_load((committed_run(seed, "transfer", AGENTS[agent_of(variant)][1])
                           / "config.yaml").read_text())
     cfg["name"] = variant
     cfg["run"]["output_dir"] = str(work / "transfer")
@@ -77,11 +91,12 @@ def variant_config(seed: int, variant: str, work: Path) -> dict:
     return cfg
 
 
-def pretrain(seed: int, work: Path) -> Path:
+def pretrain(seed: int, work: Path, agent: str = "agnostic") -> Path:
     from rl_agnostic.online.config import TrainConfig
     from rl_agnostic.online.trainer import train
 
-    cfg = yaml.safe_load((committed_run(seed, "pretrain", "agnostic-s4") / "config.yaml").read_text())
+    cfg = yaml.safe_load((committed_run(seed, "pretrain", AGENTS[agent][0])
+                          / "config.yaml").read_text())
     cfg["run"]["output_dir"] = str(work / "pretrain")
     train(TrainConfig.from_dict(cfg, source="pretrain config"))
     return work / "pretrain" / cfg["name"]
@@ -93,7 +108,9 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
     from rl_agnostic.online.trainer import train
 
     records = out / "runs" / f"seed{seed}"
+    pretrained_by_agent = {"agnostic": pretrained}
     for variant in variants:
+        agent = agent_of(variant)
         dest = records / variant
         if (dest / "metrics.jsonl").is_file():
             print(f"{variant}: run record exists in {dest}, skipped")
@@ -105,17 +122,18 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
                 shutil.copy(src / f, dest / f)
             print(f"plain: the committed transfer run {src} (deterministic for a seed)")
             continue
-        if pretrained is None and variant not in SCRATCH:
-            pretrained = pretrain(seed, work)
+        if pretrained_by_agent.get(agent) is None and variant not in SCRATCH:
+            pretrained_by_agent[agent] = pretrain(seed, work, agent)
+        start = None if variant in SCRATCH else str(pretrained_by_agent[agent])
         cfg = TrainConfig.from_dict(variant_config(seed, variant, work), source=variant)
         t0 = time.perf_counter()
-        train(cfg, init_from=None if variant in SCRATCH else str(pretrained))
-        run = work / "transfer" / variant
+        train(cfg, init_from=start)
+        run = work / "transfer" / cfg.name
         for f in ("config.yaml", "metrics.jsonl"):
             shutil.copy(run / f, dest / f)
         (dest / "done.json").write_text(json.dumps({
             "wall_s": time.perf_counter() - t0,
-            "init_from": None if variant in SCRATCH else str(pretrained)}))
+            "init_from": start}))
 
 
 def collect(variants: list[str], out: Path = OUT) -> dict:
@@ -153,9 +171,9 @@ def collect(variants: list[str], out: Path = OUT) -> dict:
         rows[label] = {"seeds": own, **{e: {
             "final": final[e], "auc": auc[e], "finals": [by_seed[s][e]["final"] for s in own],
             "normalized_final": normalize(final[e], rand[e], ref.get(e))} for e in envs}}
-    against = [label for label in [*COMPARED, *sorted(SCRATCH)] if label in runs]
+    against = [label for label in [*COMPARED, *BASELINE_VARIANTS] if label in runs]
     for v in variants:
-        if v not in runs or v in SCRATCH:
+        if v not in runs or v in BASELINE_VARIANTS:
             continue
         own = sorted(runs[v])
         wins[v] = {"seeds": own}
@@ -208,7 +226,7 @@ def write_markdown(res: dict, path: Path) -> None:
     lines += ["", "Mean return over all iterations (area under the learning curve):", "", head]
     for e in envs:
         lines.append(f"| {e} | " + " | ".join(_f(rows[lab][e]["auc"]) for lab in labels) + " |")
-    against = [a for a in [*COMPARED, *sorted(SCRATCH)] if a in rows]
+    against = [a for a in [*COMPARED, *BASELINE_VARIANTS] if a in rows]
     lines += ["", ("New envs (of 8) where the variant's final return is ≥ the compared run's, on "
               "the mean over the seeds both have (per seed in brackets):"), "",
               "| variant | seeds | " + " | ".join(against) + " |",
@@ -238,7 +256,7 @@ def plot(res: dict, path: Path) -> None:
                 if by_seed[seed][e]:
                     x, y = zip(*by_seed[seed][e])
                     ax.plot(x, y, color=colors[i % len(colors)], lw=1.0,
-                            ls="--" if label in COMPARED or label in SCRATCH else "-",
+                            ls="--" if label in COMPARED or label in BASELINE_VARIANTS else "-",
                             alpha=1.0 if k == 0 else 0.5, label=label if k == 0 else None)
         ax.axhline(res["random"][e], color="grey", ls=":", label="random")
         ax.set_title(e, fontsize=10)
@@ -258,7 +276,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="to train (and to report)")
-    parser.add_argument("--pretrained", type=Path, help="agnostic-s4 pretrain run directory")
+    parser.add_argument("--pretrained", type=Path,
+                        help="agnostic-s4 pretrain run directory (a specific variant pretrains its own)")
     parser.add_argument("--work", type=Path, default=Path("runs/transfer_init"),
                         help="where the checkpoints go (not committed)")
     parser.add_argument("--rerun-plain", action="store_true",

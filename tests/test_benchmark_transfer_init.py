@@ -36,3 +36,20 @@ def test_plain_variant_reproduces_the_experiment_reports_seed0_scores(tmp_path):
         expected = sum(scores["agnostic-s4 (transfer)"][e]["final"]["returns"][0]
                        >= scores[theirs][e]["final"]["returns"][0] for e in res["envs"])
         assert wins[against] == {"mean": expected, "per_seed": [expected]}
+
+
+def test_specific_variant_trains_the_specific_agent_with_the_agnostic_best_start(tmp_path):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import transfer_init
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    from rl_agnostic.online.config import TrainConfig
+
+    best = transfer_init.variant_config(0, "shrink-0.5+lr-2x", tmp_path)
+    same = transfer_init.variant_config(0, "specific+shrink-0.5+lr-2x", tmp_path)
+    assert transfer_init.agent_of("specific+shrink-0.5+lr-2x") == "specific"
+    assert same["model"]["kind"] == "specific" and best["model"]["kind"] == "agnostic"
+    assert same["ppo"] == best["ppo"]  # the same learning rates
+    assert same["run"]["transfer_shrink"] == best["run"]["transfer_shrink"] == 0.5
+    assert TrainConfig.from_dict(same, source="test").name == "specific+shrink-0.5+lr-2x"
