@@ -210,7 +210,8 @@ def write_markdown(res: dict, path: Path) -> None:
         "# Agnostic transfer: how the weights start (mix_to_mix, cpu scale)", "",
         "25k env steps per new env. The agnostic S4 agent's `mix_to_mix` pretraining (the "
         "committed config of each seed, re-run: pretraining and transfer are deterministic for a "
-        "seed), then the transfer phase with each start; the specific-transfer and "
+        "seed), then the transfer phase with each start; `specific+…` does the same with the "
+        "specific agent's pretraining and transfer; the specific-transfer and "
         "agnostic-scratch columns are `mix_to_mix`'s committed runs. Variants: "
         + "; ".join(f"`{v}` {json.dumps(o) if o else '(every weight copied)'}"
                     for v, o in res["variants"].items()) + ".", "",
@@ -264,7 +265,7 @@ def plot(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
-    fig.suptitle("mix_to_mix transfer, agnostic S4, weight-init variants "
+    fig.suptitle("mix_to_mix transfer, agnostic S4 weight-init variants (dashed: baselines) "
                  f"(seeds {', '.join(map(str, res['seeds']))}; a lighter line per further seed)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=100)
