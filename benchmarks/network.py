@@ -43,6 +43,8 @@ PAPER = {
     (256, "CartPole"): (489, 44), (256, "HalfCheetah"): (105, 95), (256, "Humanoid"): (None, 1500),
     (64, "CartPole"): (2117, 28), (64, "HalfCheetah"): (555, 51), (64, "Humanoid"): (14.5, 490),
 }
+# The fp32 matmul rate of the machine the PAPER figures were measured on (issue 2).
+PAPER_MACHINE_GFLOPS = 82
 # Paper Fig. 2's 16 environments (obs, action) for parameter counts; gymnasium v4/v3 shapes.
 MIX16 = [
     ("Acrobot-v1", 6, "discrete", 3), ("BipedalWalker-v3", 24, "continuous", 4),
@@ -74,6 +76,19 @@ def matmul_gflops(seconds: float = 2.0) -> float:
         a @ b
         n += 1
     return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else platform's processor string)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activation: int) -> dict:
@@ -161,6 +176,8 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
         "act_ms_b64": act_ms[64],
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "params": sum(p.numel() for p in net.parameters()),
     }
 
@@ -208,11 +225,17 @@ def write_results(rows: list[dict], params: dict, load: tuple[float, float, floa
     lines = [
         "# Agnostic network: speed on CPU",
         "",
-        f"Machine: {os.cpu_count()} cores, torch threads {rows[0]['threads']}, fp32 2048² matmul "
-        f"rate {rate:.0f} GFLOP/s (mean of the per-row measurements, taken in the same process as "
-        f"each row), load average before the run {load[0]:.2f}. Paper layer counts (2 S4 + 2 "
-        "Transformer layers per block, residual MLP depth 2), every width = d_model, separate "
-        "actor and critic, dropout 0.1 active in training. PPO minibatch 512.",
+        f"Machine: {rows[0]['cpu']} ({rows[0]['cpu_capability']} kernels), {os.cpu_count()} "
+        f"cores, torch threads {rows[0]['threads']}, fp32 2048² matmul rate {rate:.0f} GFLOP/s "
+        "(mean of the per-row measurements, taken in the same process as each row), load average "
+        f"before the run {load[0]:.2f}. Paper layer counts (2 S4 + 2 Transformer layers per block, "
+        "residual MLP depth 2), every width = d_model, separate actor and critic, dropout 0.1 "
+        "active in training. PPO minibatch 512.",
+        "",
+        f"The *paper impl.* column is the issue's measurement of the paper's code on a 2-core "
+        f"machine with an fp32 matmul rate of about {PAPER_MACHINE_GFLOPS} GFLOP/s, not re-measured "
+        "here: on a faster CPU, *× paper* overstates the gain by up to the ratio of the two "
+        "matmul rates. MFU is the figure that compares across machines.",
         "",
         "| d_model | env (obs, act) | train samples/s | paper impl. | × paper | MFU | matmul GFLOP/s"
         " | GFLOP/sample | act ms b8 | act ms b64 | peak RSS GB |",

@@ -146,13 +146,15 @@ def test_gelu_dropout_equals_gelu_then_the_same_mask_forward_and_backward():
     y = gelu_dropout(x, 0.2, training=True)
     kept = (y != 0).float()
     assert 0.75 < kept.mean().item() < 0.85
-    ref_x = x.detach().clone().requires_grad_(True)
+    # The reference is the exact GELU in float64: torch's float32 GELU is itself ~1e-6 off in
+    # the tails on some CPUs (AVX-512: -8.7101e-4 at x = -3.48 where the true value is -8.7206e-4).
+    ref_x = x.detach().double().requires_grad_(True)
     ref = F.gelu(ref_x) * kept / 0.8
-    assert torch.allclose(y, ref, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(y.double(), ref, atol=1e-6, rtol=1e-5)
     w = torch.randn_like(ref)
-    (y * w).sum().backward()
+    (y * w.float()).sum().backward()
     (ref * w).sum().backward()
-    assert torch.allclose(x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.grad.double(), ref_x.grad, atol=1e-5, rtol=1e-5)
     # Strided input: the mask follows the logical element order, gradients stay exact.
     xt = x.detach().transpose(0, 2).requires_grad_(True)
     torch.manual_seed(2)

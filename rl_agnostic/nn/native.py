@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fcx-limited-range",
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fcx-limited-range",
          "-fopenmp-simd", "-fPIC",
          "-shared", "-std=gnu99"]
 # With OpenMP the kernels split their loops among threads. The library asks for `libgomp.so.1`,
