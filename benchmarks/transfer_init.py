@@ -118,8 +118,7 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
         dest.mkdir(parents=True, exist_ok=True)
         if variant == "plain" and not rerun_plain:
             src = committed_run(seed, "transfer", "agnostic-s4_transfer")
-            for f in ("config.yaml", "metrics.jsonl"):
-                shutil.copy(src / f, dest / f)
+            _copy_record(src, dest)
             print(f"plain: the committed transfer run {src} (deterministic for a seed)")
             continue
         if pretrained_by_agent.get(agent) is None and variant not in SCRATCH:
@@ -128,12 +127,16 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
         cfg = TrainConfig.from_dict(variant_config(seed, variant, work), source=variant)
         t0 = time.perf_counter()
         train(cfg, init_from=start)
-        run = work / "transfer" / cfg.name
-        for f in ("config.yaml", "metrics.jsonl"):
-            shutil.copy(run / f, dest / f)
+        _copy_record(work / "transfer" / cfg.name, dest)
         (dest / "done.json").write_text(json.dumps({
             "wall_s": time.perf_counter() - t0,
             "init_from": start}))
+
+
+def _copy_record(run: Path, dest: Path) -> None:
+    """A run's record (its config and metrics) into the committed results."""
+    for f in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(run / f, dest / f)
 
 
 def collect(variants: list[str], out: Path = OUT) -> dict:
