@@ -13,6 +13,11 @@ pretrained checkpoint and with the committed transfer run's config otherwise unc
   Adams' shrink-and-perturb warm start), against the loss of plasticity of trained weights;
 - ``lr-2x``: every weight copied, the three learning rates doubled;
 - ``shrink-0.5+lr-2x``: both;
+- ``shrink-0.5+lr-2x+std-reset``: as ``shrink-0.5+lr-2x``, with the Gaussian log-std decoder
+  fresh (``run.transfer_reinit``), so every new continuous env starts at σ = 1 as a fresh
+  decoder would: the pretrained one starts the new envs with less exploration (LunarLander-
+  Continuous's initial policy entropy 1.99 vs 2.85 from scratch, Walker2d's 7.04 vs 8.56), while
+  the specific agent's new envs always get fresh decoders, log-std included;
 - ``scratch+lr-2x``: NO transfer, fresh weights at the doubled learning rates (the scratch
   baseline of the ``lr-2x`` variants);
 - ``specific+shrink-0.5+lr-2x``: the SPECIFIC agent's transfer with the same start (its own
@@ -59,6 +64,9 @@ VARIANTS: dict[str, dict] = {
     "lr-2x": {"ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
     "shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
                          "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
+    "shrink-0.5+lr-2x+std-reset": {"run": {"transfer_shrink": 0.5,
+                                           "transfer_reinit": ["log_std_decoder"]},
+                                   "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
     "scratch+lr-2x": {"ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
     "specific+shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
                                   "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},

@@ -53,3 +53,30 @@ def test_specific_variant_trains_the_specific_agent_with_the_agnostic_best_start
     assert same["ppo"] == best["ppo"]  # the same learning rates
     assert same["run"]["transfer_shrink"] == best["run"]["transfer_shrink"] == 0.5
     assert TrainConfig.from_dict(same, source="test").name == "specific+shrink-0.5+lr-2x"
+
+
+def test_std_reset_variant_names_the_agnostic_log_std_decoder(tmp_path):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import transfer_init
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    from rl_agnostic.envs.spec import EnvSpec
+    from rl_agnostic.nn.agnostic import AgnosticActorCritic
+    from rl_agnostic.nn.config import NetworkConfig
+    from rl_agnostic.online.config import ConfigError
+    from rl_agnostic.online.trainer import check_transfer_reinit
+
+    best = transfer_init.variant_config(0, "shrink-0.5+lr-2x", tmp_path)
+    reset = transfer_init.variant_config(0, "shrink-0.5+lr-2x+std-reset", tmp_path)
+    assert reset["ppo"] == best["ppo"]
+    assert reset["run"]["transfer_shrink"] == best["run"]["transfer_shrink"] == 0.5
+    assert reset["run"]["transfer_reinit"] == ["log_std_decoder"]
+    # The prefix names weights of the agnostic agent: the trainer's check accepts it and would
+    # reject a typo (which would otherwise silently copy every weight).
+    net = AgnosticActorCritic(NetworkConfig(d_model=16),
+                              [EnvSpec("Pendulum-v1", 3, "continuous", 1, (-2.0,), (2.0,))])
+    policy = {"network": net.state_dict()}
+    check_transfer_reinit(policy, reset["run"]["transfer_reinit"])
+    with pytest.raises(ConfigError, match="log_std_decoderr"):
+        check_transfer_reinit(policy, ["log_std_decoderr"])
