@@ -147,8 +147,10 @@ def _copy_record(run: Path, dest: Path) -> None:
         shutil.copy(run / f, dest / f)
 
 
-def collect(variants: list[str], out: Path = OUT) -> dict:
-    """Scores of every variant on every seed with a run record, and of the compared runs."""
+def collect(variants: list[str], out: Path = OUT,
+            baselines: list[str] | tuple[str, ...] = BASELINE_VARIANTS) -> dict:
+    """Scores of every variant on every seed with a run record, and of the compared runs (the
+    committed ones and the ``baselines`` variants)."""
     exp = json.loads((EXPERIMENT / "results.json").read_text())
     phase = exp["phases"]["transfer"]
     envs, ref, rand = phase["envs"], phase["reference"], exp["random"]
@@ -182,9 +184,9 @@ def collect(variants: list[str], out: Path = OUT) -> dict:
         rows[label] = {"seeds": own, **{e: {
             "final": final[e], "auc": auc[e], "finals": [by_seed[s][e]["final"] for s in own],
             "normalized_final": normalize(final[e], rand[e], ref.get(e))} for e in envs}}
-    against = [label for label in [*COMPARED, *BASELINE_VARIANTS] if label in runs]
+    against = [label for label in [*COMPARED, *baselines] if label in runs]
     for v in variants:
-        if v not in runs or v in BASELINE_VARIANTS:
+        if v not in runs or v in baselines:
             continue
         own = sorted(runs[v])
         wins[v] = {"seeds": own}
@@ -200,7 +202,8 @@ def collect(variants: list[str], out: Path = OUT) -> dict:
     means = {label: _mean([r[e]["normalized_final"] for e in envs]) for label, r in rows.items()}
     return {"seeds": seeds, "envs": envs, "random": {e: rand[e] for e in envs},
             "reference": ref, "rows": rows, "wins": wins, "normalized_final_mean": means,
-            "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows}}
+            "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows},
+            "baselines": [b for b in baselines if b in rows]}
 
 
 def _mean(values: list) -> float | None:
@@ -212,7 +215,7 @@ def _f(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def write_markdown(res: dict, path: Path) -> None:
+def write_markdown(res: dict, path: Path, note: str = "") -> None:
     labels, envs, rows = list(res["rows"]), res["envs"], res["rows"]
     names = [f"{lab} (seed{'s' if len(rows[lab]['seeds']) > 1 else ''} "
              f"{', '.join(map(str, rows[lab]['seeds']))})" for lab in labels]
@@ -225,7 +228,7 @@ def write_markdown(res: dict, path: Path) -> None:
         "specific agent's pretraining and transfer; the specific-transfer and "
         "agnostic-scratch columns are `mix_to_mix`'s committed runs. Variants: "
         + "; ".join(f"`{v}` {json.dumps(o) if o else '(every weight copied)'}"
-                    for v, o in res["variants"].items()) + ".", "",
+                    for v, o in res["variants"].items()) + "." + (f" {note}" if note else ""), "",
         ("Final normalized score (final = mean training return over the last 10 % of iterations, "
         "mean over the seeds in the column's name; normalized with the experiment's random and "
         "reference scores), final return in brackets:"), "", head]
@@ -238,7 +241,7 @@ def write_markdown(res: dict, path: Path) -> None:
     lines += ["", "Mean return over all iterations (area under the learning curve):", "", head]
     for e in envs:
         lines.append(f"| {e} | " + " | ".join(_f(rows[lab][e]["auc"]) for lab in labels) + " |")
-    against = [a for a in [*COMPARED, *BASELINE_VARIANTS] if a in rows]
+    against = [a for a in [*COMPARED, *res["baselines"]] if a in rows]
     lines += ["", ("New envs (of 8) where the variant's final return is ≥ the compared run's, on "
               "the mean over the seeds both have (per seed in brackets):"), "",
               "| variant | seeds | " + " | ".join(against) + " |",
@@ -268,7 +271,7 @@ def plot(res: dict, path: Path) -> None:
                 if by_seed[seed][e]:
                     x, y = zip(*by_seed[seed][e])
                     ax.plot(x, y, color=colors[i % len(colors)], lw=1.0,
-                            ls="--" if label in COMPARED or label in BASELINE_VARIANTS else "-",
+                            ls="--" if label in COMPARED or label in res["baselines"] else "-",
                             alpha=1.0 if k == 0 else 0.5, label=label if k == 0 else None)
         ax.axhline(res["random"][e], color="grey", ls=":", label="random")
         ax.set_title(e, fontsize=10)
@@ -296,14 +299,17 @@ def main() -> None:
                         help="train the plain transfer too instead of using the committed record")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT, help="results and run records")
+    parser.add_argument("--baselines", nargs="*", default=BASELINE_VARIANTS, choices=list(VARIANTS),
+                        help="variants the others are compared with (columns, not ranked rows)")
+    parser.add_argument("--note", default="", help="a sentence added to the report's introduction")
     args = parser.parse_args()
     if not args.report_only:
         run_variants(args.seed, args.variants, args.pretrained, args.work.absolute(),
                      args.rerun_plain, args.out)
-    res = collect(args.variants, args.out)
+    res = collect(args.variants, args.out, args.baselines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, args.out / "results.md")
+    write_markdown(res, args.out / "results.md", args.note)
     plot(res, args.out / "curves.png")
     for v, w in res["wins"].items():
         print(f"{v:16s} seeds {w['seeds']}: normalized final mean "
