@@ -224,7 +224,7 @@ def write_markdown(res: dict, path: Path, note: str = "") -> None:
         "# Agnostic transfer: how the weights start (mix_to_mix, cpu scale)", "",
         "25k env steps per new env. The agnostic S4 agent's `mix_to_mix` pretraining (the "
         "committed config of each seed, re-run: pretraining and transfer are deterministic for a "
-        "seed), then the transfer phase with each start; `specific+…` does the same with the "
+        "seed on one CPU), then the transfer phase with each start; `specific+…` does the same with the "
         "specific agent's pretraining and transfer; the specific-transfer and "
         "agnostic-scratch columns are `mix_to_mix`'s committed runs. Variants: "
         + "; ".join(f"`{v}` {json.dumps(o) if o else '(every weight copied)'}"
