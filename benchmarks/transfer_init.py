@@ -18,6 +18,9 @@ pretrained checkpoint and with the committed transfer run's config otherwise unc
   decoder would: the pretrained one starts the new envs with less exploration (LunarLander-
   Continuous's initial policy entropy 1.99 vs 2.85 from scratch, Walker2d's 7.04 vs 8.56), while
   the specific agent's new envs always get fresh decoders, log-std included;
+- ``scratch``, ``specific+plain``: the experiment's own agnostic scratch and specific transfer
+  runs, re-trained (to re-draw the whole comparison on another machine, with ``plain`` and
+  ``--rerun-plain``);
 - ``scratch+lr-2x``: NO transfer, fresh weights at the doubled learning rates (the scratch
   baseline of the ``lr-2x`` variants);
 - ``specific+shrink-0.5+lr-2x``: the SPECIFIC agent's transfer with the same start (its own
@@ -68,13 +71,15 @@ VARIANTS: dict[str, dict] = {
                                            "transfer_reinit": ["log_std_decoder"]},
                                    "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
     "scratch+lr-2x": {"ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
+    "scratch": {},
+    "specific+plain": {},
     "specific+shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
                                   "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
 }
 # The agent a variant trains (default the agnostic S4 agent): its mix_to_mix run names.
 AGENTS = {"agnostic": ("agnostic-s4", "agnostic-s4_transfer"),
           "specific": ("specific", "specific_transfer")}
-SCRATCH = {"scratch+lr-2x"}  # trained from a fresh init: is a variant's gain the lr's alone?
+SCRATCH = {"scratch+lr-2x", "scratch"}  # trained from a fresh init: is a variant's gain the lr's alone?
 # Variants that are baselines: the agnostic variants are compared with them, not ranked.
 BASELINE_VARIANTS = ["scratch+lr-2x", "specific+shrink-0.5+lr-2x"]
 COMPARED = {"specific (transfer)": "specific_transfer", "agnostic-s4 (scratch)": "agnostic-s4_scratch"}
@@ -111,12 +116,13 @@ def pretrain(seed: int, work: Path, agent: str = "agnostic") -> Path:
 
 
 def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: Path,
-                 rerun_plain: bool, out: Path = OUT) -> None:
+                 rerun_plain: bool, out: Path = OUT,
+                 pretrained_specific: Path | None = None) -> None:
     from rl_agnostic.online.config import TrainConfig
     from rl_agnostic.online.trainer import train
 
     records = out / "runs" / f"seed{seed}"
-    pretrained_by_agent = {"agnostic": pretrained}
+    pretrained_by_agent = {"agnostic": pretrained, "specific": pretrained_specific}
     for variant in variants:
         agent = agent_of(variant)
         dest = records / variant
@@ -292,7 +298,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="to train (and to report)")
     parser.add_argument("--pretrained", type=Path,
-                        help="agnostic-s4 pretrain run directory (a specific variant pretrains its own)")
+                        help="agnostic-s4 pretrain run directory (else it is re-run)")
+    parser.add_argument("--pretrained-specific", type=Path,
+                        help="specific pretrain run directory for the specific+ variants")
     parser.add_argument("--work", type=Path, default=Path("runs/transfer_init"),
                         help="where the checkpoints go (not committed)")
     parser.add_argument("--rerun-plain", action="store_true",
@@ -305,7 +313,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report_only:
         run_variants(args.seed, args.variants, args.pretrained, args.work.absolute(),
-                     args.rerun_plain, args.out)
+                     args.rerun_plain, args.out, args.pretrained_specific)
     res = collect(args.variants, args.out, args.baselines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))

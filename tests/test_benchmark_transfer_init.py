@@ -80,3 +80,28 @@ def test_std_reset_variant_names_the_agnostic_log_std_decoder(tmp_path):
     check_transfer_reinit(policy, reset["run"]["transfer_reinit"])
     with pytest.raises(ConfigError, match="log_std_decoderr"):
         check_transfer_reinit(policy, ["log_std_decoderr"])
+
+
+def test_redraw_variants_are_the_experiments_own_runs(tmp_path):
+    """``plain``, ``specific+plain`` and ``scratch`` re-train mix_to_mix's committed agnostic
+    transfer, specific transfer and agnostic scratch configs unchanged (name and directory
+    aside); only the scratch one starts from a fresh init."""
+    import yaml
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import transfer_init
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    for variant, committed in [("plain", "agnostic-s4_transfer"),
+                               ("specific+plain", "specific_transfer"),
+                               ("scratch", "agnostic-s4_scratch")]:
+        ours = transfer_init.variant_config(0, variant, tmp_path)
+        theirs = yaml.safe_load((transfer_init.committed_run(0, "transfer", committed)
+                                 / "config.yaml").read_text())
+        for cfg in (ours, theirs):
+            cfg.pop("name")
+            cfg["run"].pop("output_dir")
+        assert ours == theirs, variant
+    assert "scratch" in transfer_init.SCRATCH and "specific+plain" not in transfer_init.SCRATCH
+    assert transfer_init.agent_of("specific+plain") == "specific"
