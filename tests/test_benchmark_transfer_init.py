@@ -13,6 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "transfer_init.py"
 
 
+def load_benchmark():
+    """The benchmark script as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import transfer_init
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    return transfer_init
+
+
 def test_plain_variant_reproduces_the_experiment_reports_seed0_scores(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH), "--variants", "plain", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, check=True)
@@ -39,11 +49,7 @@ def test_plain_variant_reproduces_the_experiment_reports_seed0_scores(tmp_path):
 
 
 def test_specific_variant_trains_the_specific_agent_with_the_agnostic_best_start(tmp_path):
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import transfer_init
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    transfer_init = load_benchmark()
     from rl_agnostic.online.config import TrainConfig
 
     best = transfer_init.variant_config(0, "shrink-0.5+lr-2x", tmp_path)
@@ -56,11 +62,7 @@ def test_specific_variant_trains_the_specific_agent_with_the_agnostic_best_start
 
 
 def test_std_reset_variant_names_the_agnostic_log_std_decoder(tmp_path):
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import transfer_init
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    transfer_init = load_benchmark()
     from rl_agnostic.envs.spec import EnvSpec
     from rl_agnostic.nn.agnostic import AgnosticActorCritic
     from rl_agnostic.nn.config import NetworkConfig
@@ -88,11 +90,7 @@ def test_redraw_variants_are_the_experiments_own_runs(tmp_path):
     aside); only the scratch one starts from a fresh init."""
     import yaml
 
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import transfer_init
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    transfer_init = load_benchmark()
     for variant, committed in [("plain", "agnostic-s4_transfer"),
                                ("specific+plain", "specific_transfer"),
                                ("scratch", "agnostic-s4_scratch")]:
