@@ -232,10 +232,10 @@ def write_results(rows: list[dict], params: dict, load: tuple[float, float, floa
         "residual MLP depth 2), every width = d_model, separate actor and critic, dropout 0.1 "
         "active in training. PPO minibatch 512.",
         "",
-        f"The *paper impl.* column is the issue's measurement of the paper's code on a 2-core "
-        f"machine with an fp32 matmul rate of about {PAPER_MACHINE_GFLOPS} GFLOP/s, not re-measured "
-        "here: on a faster CPU, *× paper* overstates the gain by up to the ratio of the two "
-        "matmul rates. MFU is the figure that compares across machines.",
+        "The *paper impl.* column is the issue's measurement of the paper's code on a 2-core "
+        f"machine with an fp32 matmul rate of about {PAPER_MACHINE_GFLOPS} GFLOP/s, not "
+        "re-measured here: on a faster CPU, *× paper* overstates the gain by up to the ratio of "
+        "the two matmul rates. MFU is the figure that compares across machines.",
         "",
         "| d_model | env (obs, act) | train samples/s | paper impl. | × paper | MFU | matmul GFLOP/s"
         " | GFLOP/sample | act ms b8 | act ms b64 | peak RSS GB |",

@@ -79,7 +79,8 @@ VARIANTS: dict[str, dict] = {
 # The agent a variant trains (default the agnostic S4 agent): its mix_to_mix run names.
 AGENTS = {"agnostic": ("agnostic-s4", "agnostic-s4_transfer"),
           "specific": ("specific", "specific_transfer")}
-SCRATCH = {"scratch+lr-2x", "scratch"}  # trained from a fresh init: is a variant's gain the lr's alone?
+# Trained from a fresh init (is a variant's gain the learning rate's alone?).
+SCRATCH = {"scratch+lr-2x", "scratch"}
 # Variants that are baselines: the agnostic variants are compared with them, not ranked.
 BASELINE_VARIANTS = ["scratch+lr-2x", "specific+shrink-0.5+lr-2x"]
 COMPARED = {"specific (transfer)": "specific_transfer", "agnostic-s4 (scratch)": "agnostic-s4_scratch"}
@@ -221,6 +222,11 @@ def _f(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _plain_description(variant: str) -> str:
+    return ("(fresh init, the experiment's own settings)" if variant in SCRATCH
+            else "(every weight copied, the experiment's own settings)")
+
+
 def write_markdown(res: dict, path: Path, note: str = "") -> None:
     labels, envs, rows = list(res["rows"]), res["envs"], res["rows"]
     names = [f"{lab} (seed{'s' if len(rows[lab]['seeds']) > 1 else ''} "
@@ -230,10 +236,10 @@ def write_markdown(res: dict, path: Path, note: str = "") -> None:
         "# Agnostic transfer: how the weights start (mix_to_mix, cpu scale)", "",
         "25k env steps per new env. The agnostic S4 agent's `mix_to_mix` pretraining (the "
         "committed config of each seed, re-run: pretraining and transfer are deterministic for a "
-        "seed on one CPU), then the transfer phase with each start; `specific+…` does the same with the "
-        "specific agent's pretraining and transfer; the specific-transfer and "
+        "seed on one CPU), then the transfer phase with each start; `specific+…` does the same "
+        "with the specific agent's pretraining and transfer; the specific-transfer and "
         "agnostic-scratch columns are `mix_to_mix`'s committed runs. Variants: "
-        + "; ".join(f"`{v}` {json.dumps(o) if o else '(every weight copied)'}"
+        + "; ".join(f"`{v}` {json.dumps(o) if o else _plain_description(v)}"
                     for v, o in res["variants"].items()) + "." + (f" {note}" if note else ""), "",
         ("Final normalized score (final = mean training return over the last 10 % of iterations, "
         "mean over the seeds in the column's name; normalized with the experiment's random and "
