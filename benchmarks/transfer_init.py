@@ -60,21 +60,20 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "results" / "mix_to_mix"
 OUT = ROOT / "results" / "transfer_init"
 CRITIC = ["critic_trunk", "value_decoder"]
+LR_2X = {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}  # the paper's three lrs doubled
 VARIANTS: dict[str, dict] = {
     "plain": {},
     "critic-reset": {"run": {"transfer_reinit": CRITIC}},
     "shrink-0.5": {"run": {"transfer_shrink": 0.5}},
-    "lr-2x": {"ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
-    "shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
-                         "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
+    "lr-2x": {"ppo": LR_2X},
+    "shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5}, "ppo": LR_2X},
     "shrink-0.5+lr-2x+std-reset": {"run": {"transfer_shrink": 0.5,
                                            "transfer_reinit": ["log_std_decoder"]},
-                                   "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
-    "scratch+lr-2x": {"ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
+                                   "ppo": LR_2X},
+    "scratch+lr-2x": {"ppo": LR_2X},
     "scratch": {},
     "specific+plain": {},
-    "specific+shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5},
-                                  "ppo": {"actor_lr": 6e-4, "critic_lr": 1e-3, "ssm_lr": 2e-3}},
+    "specific+shrink-0.5+lr-2x": {"run": {"transfer_shrink": 0.5}, "ppo": LR_2X},
 }
 # The agent a variant trains (default the agnostic S4 agent): its mix_to_mix run names.
 AGENTS = {"agnostic": ("agnostic-s4", "agnostic-s4_transfer"),
