@@ -113,13 +113,18 @@ def kernel_outputs() -> list[torch.Tensor]:
     res, z = torch.randn(32, 12, 40, requires_grad=True), torch.randn(32, 12, 80, requires_grad=True)
     qkv = torch.randn(32, 12, 120, requires_grad=True)
     ssm = S4DKernel(40, 16)
+    h, z_bias = torch.randn(700, 100, requires_grad=True), torch.randn(80, requires_grad=True)
+    h_bias, qkv_bias = torch.randn(100, requires_grad=True), torch.randn(120, requires_grad=True)
     outs = [dropout(x, 0.3, True), gelu_dropout(x, 0.3, True),
             softmax_dropout(x.view(700, 100), 0.3, True)]
     y = (causal_conv(u, k) + add_dropout_layernorm(res, z, norm, 0.2, True, glu=True)
-         + _NativeAttention.apply(qkv, None, 0.2)).sum() + ssm(12).square().sum()
+         + add_dropout_layernorm(res, z, norm, 0.2, True, glu=True, z_bias=z_bias)
+         + _NativeAttention.apply(qkv, None, None, 0.2)
+         + _NativeAttention.apply(qkv * 1.0, qkv_bias, None, 0.2)).sum() + ssm(12).square().sum()
+    y = y + gelu_dropout(h, 0.3, True, bias=h_bias).square().sum()
     y.backward()
-    grads = [u.grad, k.grad, res.grad, z.grad, qkv.grad, norm.weight.grad,
-             *(p.grad for p in ssm.parameters())]
+    grads = [u.grad, k.grad, res.grad, z.grad, qkv.grad, norm.weight.grad, h.grad, z_bias.grad,
+             h_bias.grad, qkv_bias.grad, *(p.grad for p in ssm.parameters())]
     return [t.detach() for t in outs + grads]
 
 
@@ -163,6 +168,35 @@ def test_gelu_dropout_equals_gelu_then_the_same_mask_forward_and_backward():
     assert torch.equal(yt, gelu_dropout(xt.contiguous(), 0.2, training=True))
 
 
+@native
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_gelu_dropout_with_a_bias_equals_gelu_of_the_sum_with_the_same_mask(p):
+    """The Linear layer's bias added in the kernel: the mask of the bias-free call (same seed),
+    GELU of x + bias, and the bias gradient summed over rows."""
+    torch.manual_seed(1)
+    x = (torch.randn(64, 37, 50) * 3).requires_grad_(True)
+    bias = torch.randn(50, requires_grad=True)
+    torch.manual_seed(5)
+    y = gelu_dropout(x, p, training=True, bias=bias)
+    torch.manual_seed(5)
+    kept = (gelu_dropout(torch.ones_like(x), p, training=True) != 0).double()
+    ref_x = x.detach().double().requires_grad_(True)
+    ref_b = bias.detach().double().requires_grad_(True)
+    ref = F.gelu(ref_x + ref_b) * kept / (1 - p)
+    assert torch.allclose(y.double(), ref, atol=1e-6, rtol=1e-5)
+    w = torch.randn_like(ref)
+    (y * w.float()).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.allclose(x.grad.double(), ref_x.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(bias.grad.double(), ref_b.grad, atol=1e-4, rtol=1e-5)
+    # Without autograd (large batches) the same values; eval mode: plain GELU of the sum.
+    with torch.no_grad():
+        torch.manual_seed(5)
+        assert torch.equal(gelu_dropout(x, p, training=True, bias=bias), y.detach())
+    assert torch.allclose(gelu_dropout(x, p, training=False, bias=bias).double(),
+                          F.gelu(ref_x + ref_b), atol=1e-6, rtol=1e-5)
+
+
 def test_without_the_kernels_the_numpy_path_gives_the_same_distribution(monkeypatch):
     import rl_agnostic.nn.dropout as module
 
@@ -194,11 +228,14 @@ def test_freed_activation_memory_is_reused_without_page_faults():
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("width", [7, 64])
 @pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("biased", [False, True])
 def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_backward(p, width,
-                                                                                        glu):
+                                                                                        glu,
+                                                                                        biased):
     """The fused post-norm residual equals F.layer_norm(x + z·keep/(1-p)) (with ``glu``: of
     F.glu(z)) and its gradients, for the keep mask it drew (read off dz: dropped elements get
-    exactly 0); p=0 keeps everything. z's GLU gates include ±100 and ±inf."""
+    exactly 0); p=0 keeps everything. z's GLU gates include ±100 and ±inf. ``biased``: z's
+    Linear bias is added in the kernel, its gradient summed there."""
     torch.manual_seed(2)
     norm = torch.nn.LayerNorm(width)
     torch.nn.init.normal_(norm.weight)
@@ -208,7 +245,8 @@ def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_bac
     if glu:
         z[0, 0, width:width + 4] = torch.tensor([100.0, -100.0, float("inf"), float("-inf")])
     z.requires_grad_(True)
-    y = add_dropout_layernorm(x, z, norm, p, training=True, glu=glu)
+    z_bias = torch.randn(z.shape[-1], requires_grad=True) if biased else None
+    y = add_dropout_layernorm(x, z, norm, p, training=True, glu=glu, z_bias=z_bias)
     grad = torch.randn_like(y)
     y.backward(grad)
     keep = (z.grad[..., :width] != 0).float()
@@ -216,16 +254,21 @@ def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_bac
     x2, z2 = x.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
     w2 = norm.weight.detach().clone().requires_grad_(True)
     b2 = norm.bias.detach().clone().requires_grad_(True)
-    branch = F.glu(z2, dim=-1) if glu else z2
+    zb2 = z_bias.detach().clone().requires_grad_(True) if biased else torch.zeros(z.shape[-1])
+    branch = F.glu(z2 + zb2, dim=-1) if glu else z2 + zb2
     ref = F.layer_norm(x2 + branch * keep / (1 - p), (width,), w2, b2, norm.eps)
     ref.backward(grad)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     for got, want in ((x.grad, x2.grad), (z.grad, z2.grad), (norm.weight.grad, w2.grad),
                       (norm.bias.grad, b2.grad)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if biased:
+        torch.testing.assert_close(z_bias.grad, zb2.grad, atol=1e-4, rtol=1e-4)
     # eval mode: no dropout, same as the module
-    torch.testing.assert_close(add_dropout_layernorm(x, z, norm, p, training=False, glu=glu),
-                               norm(x + (F.glu(z, dim=-1) if glu else z)), atol=1e-5, rtol=1e-5)
+    zb = zb2.detach()
+    torch.testing.assert_close(
+        add_dropout_layernorm(x, z, norm, p, training=False, glu=glu, z_bias=z_bias),
+        norm(x + (F.glu(z + zb, dim=-1) if glu else z + zb)), atol=1e-5, rtol=1e-5)
 
 
 @native

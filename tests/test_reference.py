@@ -36,6 +36,9 @@ def test_transformer_layer_training_step_equals_torch_reference(length):
     residual-LayerNorm kernels on CPU) gives torch's outputs and parameter gradients."""
     layer = TransformerLayer(16, 1, 24, dropout=0.0).train()
     randomize_norms(layer)
+    with torch.no_grad():  # nonzero biases: the kernels add them (in_proj's and out_proj's start at 0)
+        for linear in (layer.in_proj, layer.out_proj, layer.linear1, layer.linear2):
+            linear.bias.normal_()
     ref = layer.to_reference()
     x = torch.randn(5, length, 16)
     grad = torch.randn(5, length, 16)
@@ -43,6 +46,10 @@ def test_transformer_layer_training_step_equals_torch_reference(length):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     y.backward(grad)
     y_ref.backward(grad)
+    for got, want in ((layer.in_proj.bias, ref.self_attn.in_proj_bias),
+                      (layer.out_proj.bias, ref.self_attn.out_proj.bias),
+                      (layer.linear1.bias, ref.linear1.bias), (layer.linear2.bias, ref.linear2.bias)):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(layer.in_proj.weight.grad, ref.self_attn.in_proj_weight.grad,
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(layer.norm1.weight.grad, ref.norm1.weight.grad,
@@ -54,21 +61,30 @@ def test_transformer_layer_training_step_equals_torch_reference(length):
 @pytest.mark.skipif(kernels() is None, reason="no C compiler")
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("masked", [False, True])
-def test_native_attention_equals_softmax_attention_with_its_dropout_mask(p, masked):
+@pytest.mark.parametrize("biased", [False, True])
+def test_native_attention_equals_softmax_attention_with_its_dropout_mask(p, masked, biased):
     """The compiled attention: softmax(QKᵀ/√H) over the valid keys, dropout on the weights, times
     V, and the packed projection's gradient. V's rows are set to unit vectors e_j, so output
-    channel j of row i is the kept weight w_ij·keep_ij/(1-p): that reveals the drawn mask."""
+    channel j of row i is the kept weight w_ij·keep_ij/(1-p): that reveals the drawn mask.
+    ``biased``: the projection's bias is added by the kernel (to the fresh product, in place)
+    and its gradient summed there."""
     torch.manual_seed(4)
     b, length, h = 40, 9, 16
     qkv = torch.randn(b, length, 3 * h)
     qkv[..., 2 * h:] = torch.eye(length, h)
-    qkv.requires_grad_(True)
+    bias = torch.randn(3 * h) if biased else torch.zeros(3 * h)
+    bias[2 * h:] = 0.0  # V stays the unit vectors
+    bias.requires_grad_(True)
+    xw = (qkv - bias.detach()).requires_grad_(True)
     valid = (torch.rand(b, length) < 0.7) if masked else None
     if masked:
         valid[:, 0] = True
-    a = _NativeAttention.apply(qkv, valid, p)
+    product = xw * 1.0  # a fresh tensor: the kernel adds the bias to it in place
+    a = _NativeAttention.apply(product, bias if biased else None, valid, p)
     grad = torch.randn_like(a)
     a.backward(grad)
+    if not biased:
+        assert bias.grad is None
 
     ref_qkv = qkv.detach().clone().requires_grad_(True)
     q, k, v = ref_qkv.split(h, dim=-1)
@@ -84,7 +100,9 @@ def test_native_attention_equals_softmax_attention_with_its_dropout_mask(p, mask
     ref = (w * keep / (1 - p)) @ v
     ref.backward(grad)
     torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(qkv.grad, ref_qkv.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(xw.grad, ref_qkv.grad, atol=1e-5, rtol=1e-4)
+    if biased:
+        torch.testing.assert_close(bias.grad, ref_qkv.grad.sum((0, 1)), atol=1e-4, rtol=1e-4)
 
 
 def test_transformer_reference_follows_training_mode():
@@ -122,3 +140,18 @@ def test_agnostic_actor_critic_equals_reference_path(spec, n_heads, encoder_posi
     assert dist_ref[:, : spec.action_dim].std(0).max() > 1e-4
     torch.testing.assert_close(dist.double(), dist_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(value.double(), value_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [DISCRETE, SHORT_CONTINUOUS], ids=lambda s: s.env_id)
+def test_agnostic_training_forward_equals_reference_path(spec):
+    """The training path (autograd on, dropout 0: the compiled kernels, which add the Linear
+    layers' biases themselves) computes the reference network too."""
+    cfg = NetworkConfig(d_model=16, d_state=8, dropout=0.0)
+    model = randomize_norms(AgnosticActorCritic(cfg, [spec]).train())
+    obs = torch.randn(6, spec.obs_dim)
+    dist, value = model.actor(obs, spec), model.value(obs, spec)
+    assert dist.requires_grad
+    torch.testing.assert_close(dist.double(), actor_reference(model, obs, spec), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(value.double(), value_reference(model, obs, spec), atol=1e-5,
+                               rtol=1e-5)

@@ -168,6 +168,72 @@ static inline void thread_id(int *t, int *n) {
 #endif
 }
 
+/* GELU + dropout after a Linear layer whose bias is added here instead of by the product
+ * (torch's addmm copies the bias into its output first, an extra pass over memory; the bias
+ * gradient is summed here too, not in another pass): h (rows, cols) from x·Wᵀ, bias (cols),
+ *
+ *     y = GELU(h + b) · keep / (1-p),   dh = dy · keep / (1-p) · GELU'(h + b),   db = Σ_rows dh
+ *
+ * with the keep mask of `rla_gelu_dropout` (element index r·cols + c; rows·cols < 2³²). */
+void rla_bias_gelu_dropout(const float *restrict hin, const float *restrict bias,
+                           float *restrict y, int64_t rows, int64_t cols, uint64_t seed,
+                           uint32_t threshold, float scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    #pragma omp parallel for schedule(static) if (rows * cols >= KEEP_BLOCK)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *hr = hin + r * cols;
+        float *yr = y + r * cols;
+        const uint32_t base = (uint32_t)(r * cols);
+        #pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+            const float x = hr[c] + bias[c];
+            const float v = x * normal_cdf(x, gauss(x));
+            yr[c] = v * keep_at(base + (uint32_t)c, k0, k1, threshold, scale);  /* 1 if p = 0 */
+        }
+    }
+}
+
+static void bias_gelu_dropout_backward_rows(
+        const float *restrict dy, const float *restrict hin, const float *restrict bias,
+        float *restrict dh, float *restrict dbias, int64_t r0, int64_t r1, int64_t cols,
+        uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *gr = dy + r * cols, *hr = hin + r * cols;
+        float *dr = dh + r * cols;
+        const uint32_t base = (uint32_t)(r * cols);
+        #pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+            const float x = hr[c] + bias[c], g = gauss(x);
+            const float keep = keep_at(base + (uint32_t)c, k0, k1, threshold, scale);
+            dr[c] = gr[c] * keep * (normal_cdf(x, g) + x * 0.39894228040143268f * g);
+        }
+        if (dbias) {
+            #pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) dbias[c] += dr[c];
+        }
+    }
+}
+
+/* dbias may be NULL (no bias gradient); threads sum it over their rows as in `team_size`. */
+void rla_bias_gelu_dropout_backward(const float *restrict dy, const float *restrict hin,
+                                    const float *restrict bias, float *restrict dh,
+                                    float *restrict dbias, int64_t rows, int64_t cols,
+                                    uint64_t seed, uint32_t threshold, float scale) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    int threads = team_size(rows, rows * cols >= KEEP_BLOCK);
+    float *partial = dbias ? partials_alloc(dbias, cols, &threads) : NULL;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t, n;
+        thread_id(&t, &n);
+        bias_gelu_dropout_backward_rows(dy, hin, bias, dh,
+                                        dbias ? partial_of(dbias, partial, t, cols) : NULL,
+                                        rows * t / n, rows * (t + 1) / n, cols, k0, k1,
+                                        threshold, scale);
+    }
+    if (dbias) partials_reduce(dbias, partial, threads, cols);
+}
+
 /* Short causal convolutions along positions, channels last (the S4 layer's y = K̄ * u + D u on
  * observation-length sequences): u, y (B, L, H) and the kernel k (L, H), lag-major, all contiguous.
  *
@@ -273,17 +339,27 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
 /* One row; always inlined, so that the dispatch below compiles it with h (and glu) constants for
  * the common widths (fully unrolled: the per-row loop overhead is what a 64-wide row costs most). */
 static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
-        const float *restrict xr, const float *restrict zr, const float *restrict gamma,
-        const float *restrict beta, float *restrict yr, float *restrict sr, float *restrict rstd,
-        int64_t h, int glu, float eps, uint32_t base, uint32_t k0, uint32_t k1,
-        uint32_t threshold, float scale) {
+        const float *restrict xr, const float *restrict zr, const float *restrict zb,
+        const float *restrict gamma, const float *restrict beta, float *restrict yr,
+        float *restrict sr, float *restrict rstd, int64_t h, int glu, float eps, uint32_t base,
+        uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
     float sum = 0.0f;
-    #pragma omp simd reduction(+:sum)
-    for (int64_t c = 0; c < h; ++c) {
-        const float z = glu ? zr[c] * sigmoid(zr[h + c]) : zr[c];
-        sr[c] = xr[c] + (threshold ? z * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) : z);
-        sum += sr[c];
+    /* Two copies of the loop, so that neither tests zb per element (that stopped gcc from
+     * vectorizing it: 4.7x slower at h = 256 with dropout). */
+#define LN_SUM_LOOP(Z, GATE)                                                                  \
+    _Pragma("omp simd reduction(+:sum)")                                                      \
+    for (int64_t c = 0; c < h; ++c) {                                                         \
+        const float z = glu ? (Z) * sigmoid(GATE) : (Z);                                      \
+        sr[c] = xr[c] + (threshold ? z * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) \
+                                   : z);                                                      \
+        sum += sr[c];                                                                         \
     }
+    if (zb) {
+        LN_SUM_LOOP(zr[c] + zb[c], zr[h + c] + zb[h + c])
+    } else {
+        LN_SUM_LOOP(zr[c], zr[h + c])
+    }
+#undef LN_SUM_LOOP
     const float mean = sum / (float)h;
     float var = 0.0f;
     #pragma omp simd reduction(+:var)
@@ -304,7 +380,7 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
 #define LN_ROWS(width, glu)                                                                \
     _Pragma("omp parallel for schedule(static) if (rows * h >= KEEP_BLOCK)")               \
     for (int64_t r = 0; r < rows; ++r)                                                     \
-        add_dropout_layernorm_row(x + r * h, z + r * h * ((glu) + 1), gamma, beta,         \
+        add_dropout_layernorm_row(x + r * h, z + r * h * ((glu) + 1), zb, gamma, beta,     \
                                   y + r * h, xhat + r * h, rstd + r, (width), (glu), eps,  \
                                   (uint32_t)(r * h), k0, k1, threshold, scale)
 
@@ -318,9 +394,10 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
         default: ROWS(h, arg);                                                             \
     }
 
-/* z is (rows, h), or (rows, 2h) with glu. */
+/* z is (rows, h), or (rows, 2h) with glu; zb, z's bias (h or 2h; NULL: none), is added to z
+ * here instead of by the Linear layer that made it (see `rla_bias_gelu_dropout`). */
 void rla_add_dropout_layernorm(const float *restrict x, const float *restrict z,
-                               const float *restrict gamma, const float *restrict beta,
+                               const float *restrict zb, const float *restrict gamma, const float *restrict beta,
                                float *restrict y, float *restrict xhat, float *restrict rstd,
                                int64_t rows, int64_t h, int64_t glu, float eps, uint64_t seed,
                                uint32_t threshold, float scale) {
@@ -336,9 +413,10 @@ void rla_add_dropout_layernorm(const float *restrict x, const float *restrict z,
  * of g), dγ and dβ (accumulated; both or neither NULL). */
 static inline __attribute__((always_inline)) void add_dropout_layernorm_backward_row(
         const float *restrict gr, const float *restrict nr, float rs,
-        const float *restrict gamma, const float *restrict zr, float *restrict dxr,
-        float *restrict dzr, float *restrict dgamma, float *restrict dbeta, int64_t h, int glu,
-        uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+        const float *restrict gamma, const float *restrict zr, const float *restrict zb,
+        float *restrict dxr, float *restrict dzr, float *restrict dzb, float *restrict dgamma,
+        float *restrict dbeta, int64_t h, int glu, uint32_t base, uint32_t k0, uint32_t k1,
+        uint32_t threshold, float scale) {
     float sum_g = 0.0f, sum_gn = 0.0f;
     #pragma omp simd reduction(+:sum_g, sum_gn)
     for (int64_t c = 0; c < h; ++c) {
@@ -350,17 +428,29 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_backward
     #pragma omp simd
     for (int64_t c = 0; c < h; ++c) dxr[c] = rs * (gr[c] * gamma[c] - mg - nr[c] * mgn);
     if (dzr) {
-        #pragma omp simd
-        for (int64_t c = 0; c < h; ++c) {
-            const float dz = threshold
-                ? dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) : dxr[c];
-            if (glu) {
-                const float sg = sigmoid(zr[h + c]);
-                dzr[c] = dz * sg;
-                dzr[h + c] = dz * zr[c] * sg * (1.0f - sg);
-            } else {
-                dzr[c] = dz;
-            }
+        /* One loop copy per case (see LN_SUM_LOOP): za, zg are z's two halves with z's bias. */
+#define LN_DZ_LOOP(ZA, ZG)                                                                    \
+        _Pragma("omp simd")                                                                   \
+        for (int64_t c = 0; c < h; ++c) {                                                     \
+            const float dz = threshold                                                        \
+                ? dxr[c] * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) : dxr[c];    \
+            if (glu) {                                                                        \
+                const float sg = sigmoid(ZG);                                                 \
+                dzr[c] = dz * sg;                                                             \
+                dzr[h + c] = dz * (ZA) * sg * (1.0f - sg);                                    \
+            } else {                                                                          \
+                dzr[c] = dz;                                                                  \
+            }                                                                                 \
+        }
+        if (glu && zb) {
+            LN_DZ_LOOP(zr[c] + zb[c], zr[h + c] + zb[h + c])
+        } else {
+            LN_DZ_LOOP(zr[c], zr[h + c])
+        }
+#undef LN_DZ_LOOP
+        if (dzb) {
+            #pragma omp simd
+            for (int64_t c = 0; c < h * (glu + 1); ++c) dzb[c] += dzr[c];
         }
     }
     if (dgamma) {
@@ -375,16 +465,16 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_backward
 #define LN_BACKWARD_ROWS(width, glu)                                                       \
     for (int64_t r = r0; r < r1; ++r)                                                      \
         add_dropout_layernorm_backward_row(                                                \
-            dy + r * h, xhat + r * h, rstd[r], gamma, z + r * h * ((glu) + 1), dx + r * h, \
-            dz ? dz + r * h * ((glu) + 1) : NULL, dgamma, dbeta, (width), (glu),           \
-            (uint32_t)(r * h), k0, k1, threshold, scale)
+            dy + r * h, xhat + r * h, rstd[r], gamma, z ? z + r * h * ((glu) + 1) : NULL,  \
+            zb, dx + r * h, dz ? dz + r * h * ((glu) + 1) : NULL, dzb, dgamma, dbeta,      \
+            (width), (glu), (uint32_t)(r * h), k0, k1, threshold, scale)
 
 static void add_dropout_layernorm_backward_rows(
         const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
-        const float *restrict gamma, const float *restrict z, float *restrict dx,
-        float *restrict dz, float *restrict dgamma, float *restrict dbeta, int64_t r0,
-        int64_t r1, int64_t h, int64_t glu, uint32_t k0, uint32_t k1, uint32_t threshold,
-        float scale) {
+        const float *restrict gamma, const float *restrict z, const float *restrict zb,
+        float *restrict dx, float *restrict dz, float *restrict dzb, float *restrict dgamma,
+        float *restrict dbeta, int64_t r0, int64_t r1, int64_t h, int64_t glu, uint32_t k0,
+        uint32_t k1, uint32_t threshold, float scale) {
     if (glu) {
         WIDTH_DISPATCH(LN_BACKWARD_ROWS, 1)
     } else {
@@ -392,31 +482,29 @@ static void add_dropout_layernorm_backward_rows(
     }
 }
 
-/* z (rows, 2h) with glu, else unused (may be NULL). Threads take contiguous row ranges; their
- * dγ, dβ partial sums are added in thread order. */
+/* z (rows, 2h) with glu, else unused (may be NULL); zb as in the forward; dzb (z's bias gradient,
+ * h or 2h) may be NULL. Threads take contiguous row ranges; their partial sums (dγ, dβ, dzb) are
+ * added in thread order. A partial buffer that could not be allocated drops the team to one
+ * thread; buffers allocated for more threads before that are freed unused by partials_reduce. */
 void rla_add_dropout_layernorm_backward(
         const float *restrict dy, const float *restrict xhat, const float *restrict rstd,
-        const float *restrict gamma, const float *restrict z, float *restrict dx,
-        float *restrict dz, float *restrict dgamma, float *restrict dbeta, int64_t rows,
-        int64_t h, int64_t glu, uint64_t seed, uint32_t threshold, float scale) {
+        const float *restrict gamma, const float *restrict z, const float *restrict zb,
+        float *restrict dx, float *restrict dz, float *restrict dzb, float *restrict dgamma,
+        float *restrict dbeta, int64_t rows, int64_t h, int64_t glu, uint64_t seed,
+        uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const int64_t zsize = h * (glu + 1);
     int threads = team_size(rows, rows * h >= KEEP_BLOCK);
-    float *partial_g = NULL, *partial_b = NULL;
-    if (dgamma) {
-        partial_g = partials_alloc(dgamma, h, &threads);
-        partial_b = partials_alloc(dbeta, h, &threads);
-        if (!partial_b && partial_g) {  /* out of memory for the second: one thread for both */
-            free(partial_g);
-            partial_g = NULL;
-            threads = 1;
-        }
-    }
+    float *partial_g = dgamma ? partials_alloc(dgamma, h, &threads) : NULL;
+    float *partial_b = dgamma ? partials_alloc(dbeta, h, &threads) : NULL;
+    float *partial_z = dzb ? partials_alloc(dzb, zsize, &threads) : NULL;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t, n;
         thread_id(&t, &n);
         add_dropout_layernorm_backward_rows(
-            dy, xhat, rstd, gamma, z, dx, dz,
+            dy, xhat, rstd, gamma, z, zb, dx, dz,
+            dzb ? partial_of(dzb, partial_z, t, zsize) : NULL,
             dgamma ? partial_of(dgamma, partial_g, t, h) : NULL,
             dgamma ? partial_of(dbeta, partial_b, t, h) : NULL,
             rows * t / n, rows * (t + 1) / n, h, glu, k0, k1, threshold, scale);
@@ -425,6 +513,7 @@ void rla_add_dropout_layernorm_backward(
         partials_reduce(dgamma, partial_g, threads, h);
         partials_reduce(dbeta, partial_b, threads, h);
     }
+    if (dzb) partials_reduce(dzb, partial_z, threads, zsize);
 }
 
 /* Single-head self-attention with dropout on the attention weights, for short sequences (the
@@ -438,7 +527,10 @@ void rla_add_dropout_layernorm_backward(
  *               dk_j = scale Σ_i ds_ij q_i
  *
  * keep_ij of element (b, i, j) as in `keep_at` (threshold 0: no dropout). Forward saves w (B, L, L).
- * One batch row per task: its L×L weights stay in L1. */
+ * One batch row per task: its L×L weights stay in L1. With a bias (3H; NULL: none) the forward
+ * first adds it to the batch row's block of qkv, in place (qkv is the bias-free product x·Wᵀ of
+ * the projection, so the block is then in cache for the products), and backward sums its
+ * gradient from each row's block of dqkv while that is in cache. */
 #define ATTN_MAX_LEN 64  /* len ≤ this (stack buffers); transformer.py keeps to it */
 
 static inline __attribute__((always_inline)) float dot(const float *restrict a,
@@ -500,11 +592,17 @@ static inline __attribute__((always_inline)) void small_matmul(
 
 /* One batch row of the forward; inlined with h a constant for the common widths (see below). */
 static inline __attribute__((always_inline)) void attention_row(
-        const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
-        float *restrict weights, int64_t b, int64_t len, int64_t h, float scale, uint32_t k0,
-        uint32_t k1, uint32_t threshold, float keep_scale) {
+        float *restrict qkv, const float *restrict bias, const uint8_t *restrict valid,
+        float *restrict out, float *restrict weights, int64_t b, int64_t len, int64_t h,
+        float scale, uint32_t k0, uint32_t k1, uint32_t threshold, float keep_scale) {
     const int64_t row = 3 * h;
-    const float *base = qkv + b * len * row;
+    float *base = qkv + b * len * row;
+    if (bias) {
+        for (int64_t i = 0; i < len; ++i) {
+            #pragma omp simd
+            for (int64_t c = 0; c < row; ++c) base[i * row + c] += bias[c];
+        }
+    }
     const uint8_t *vb = valid ? valid + b * len : NULL;
     float kept[ATTN_MAX_LEN * ATTN_MAX_LEN];  /* w_ij keep_ij */
     for (int64_t i = 0; i < len; ++i) {
@@ -541,14 +639,16 @@ static inline __attribute__((always_inline)) void attention_row(
     } while (0)
 #define FOR_EACH_BATCH_ROW(ROW) WIDTH_DISPATCH(BATCH_ROWS, ROW)
 
-void rla_attention(const float *restrict qkv, const uint8_t *restrict valid, float *restrict out,
-                   float *restrict weights, int64_t batch, int64_t len, int64_t h, float scale,
-                   uint64_t seed, uint32_t threshold, float keep_scale) {
+void rla_attention(float *restrict qkv, const float *restrict bias,
+                   const uint8_t *restrict valid, float *restrict out, float *restrict weights,
+                   int64_t batch, int64_t len, int64_t h, float scale, uint64_t seed,
+                   uint32_t threshold, float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     const int work = batch * len * len * h > CONV_PARALLEL_WORK;
     (void)work;  /* read only by the OpenMP pragma */
 #define ATTENTION_ROW(b, width) \
-    attention_row(qkv, valid, out, weights, (b), len, (width), scale, k0, k1, threshold, keep_scale)
+    attention_row(qkv, bias, valid, out, weights, (b), len, (width), scale, k0, k1, threshold, \
+                  keep_scale)
     FOR_EACH_BATCH_ROW(ATTENTION_ROW)
 #undef ATTENTION_ROW
 }
@@ -583,18 +683,44 @@ static inline __attribute__((always_inline)) void attention_backward_row(
     small_matmul(kept, 1, len, len, len, da, h, dbase + 2 * h, row, h, 0);
 }
 
+/* Runs ROW(b, width) for the batch rows [b0, b1), with width a constant for the common h. */
+#define BATCH_RANGE(width, ROW)                                                            \
+    for (int64_t b = b0; b < b1; ++b) {                                                    \
+        ROW(b, width);                                                                     \
+    }
+
+/* dbias (3H) may be NULL; threads take contiguous ranges of batch rows and sum it in their own
+ * buffers, added in thread order. */
 void rla_attention_backward(const float *restrict qkv, const float *restrict weights,
-                            const float *restrict dout, float *restrict dqkv, int64_t batch,
-                            int64_t len, int64_t h, float scale, uint64_t seed, uint32_t threshold,
-                            float keep_scale) {
+                            const float *restrict dout, float *restrict dqkv,
+                            float *restrict dbias, int64_t batch, int64_t len, int64_t h,
+                            float scale, uint64_t seed, uint32_t threshold, float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    const int work = batch * len * len * h > CONV_PARALLEL_WORK;
-    (void)work;  /* read only by the OpenMP pragma */
-#define ATTENTION_BACKWARD_ROW(b, width) \
-    attention_backward_row(qkv, weights, dout, dqkv, (b), len, (width), scale, k0, k1, threshold, \
-                           keep_scale)
-    FOR_EACH_BATCH_ROW(ATTENTION_BACKWARD_ROW)
+    const int64_t row = 3 * h;
+    int threads = team_size(batch, batch * len * len * h > CONV_PARALLEL_WORK);
+    float *partial = dbias ? partials_alloc(dbias, row, &threads) : NULL;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t, n;
+        thread_id(&t, &n);
+        float *db = dbias ? partial_of(dbias, partial, t, row) : NULL;
+        const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
+#define ATTENTION_BACKWARD_ROW(b, width)                                                   \
+        do {                                                                               \
+            attention_backward_row(qkv, weights, dout, dqkv, (b), len, (width), scale, k0, \
+                                   k1, threshold, keep_scale);                             \
+            if (db) {                                                                      \
+                const float *blk = dqkv + (b) * len * row;                                 \
+                for (int64_t i = 0; i < len; ++i) {                                        \
+                    _Pragma("omp simd")                                                    \
+                    for (int64_t c = 0; c < row; ++c) db[c] += blk[i * row + c];           \
+                }                                                                          \
+            }                                                                              \
+        } while (0)
+        WIDTH_DISPATCH(BATCH_RANGE, ATTENTION_BACKWARD_ROW)
 #undef ATTENTION_BACKWARD_ROW
+    }
+    if (dbias) partials_reduce(dbias, partial, threads, row);
 }
 
 #define SSM_MODES 64  /* modes per pass: N/2 ≤ 64 in registers/L1 */

@@ -5,6 +5,10 @@ Same distribution as ``F.dropout``: each element is kept with probability 1-p an
 1/(1-p). On CPU (float32) the fused kernels of `rl_agnostic.nn.native` draw the keep bit of
 element i as a hash of (seed, i), so backward regenerates the mask instead of storing it, and
 ``gelu_dropout`` computes GELU, the mask and the scaling in the same loop (backward: GELU' too).
+``gelu_dropout`` and ``add_dropout_layernorm`` also take the bias of the Linear layer before them:
+the kernels add it and sum its gradient in the same pass, so the layer runs as a plain product
+(torch's addmm first copies the bias into the output, and autograd sums the bias gradient in
+another pass: together ~7 % of a d_model 256 training step).
 The seed comes from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
 The kernels split large tensors among torch's own OpenMP threads (`rl_agnostic.nn.native`); the
 mask of an element does not depend on the thread count. (A Python helper thread splitting them
@@ -63,6 +67,39 @@ class _NativeDropout(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         grad = grad.contiguous()  # same shape: index i is the same element as in forward
         return _run("rla_dropout", torch.empty_like(grad), grad, seed=ctx.seed, p=ctx.p), None
+
+
+class _NativeBiasGeluDropout(torch.autograd.Function):
+    """dropout(GELU(x + bias)) over rows of x (..., C), bias (C)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        ctx.seed, ctx.p = draw_seed(p), p
+        x = x.contiguous()
+        ctx.save_for_backward(x, bias)
+        return _bias_gelu_dropout(x, bias, ctx.seed, p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, bias = ctx.saved_tensors
+        cols = bias.numel()
+        dx = torch.empty_like(x)
+        dbias = torch.empty_like(bias) if ctx.needs_input_grad[1] else None
+        kernels().rla_bias_gelu_dropout_backward(
+            grad.contiguous().data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(),
+            None if dbias is None else dbias.data_ptr(), x.numel() // cols, cols,
+            *mask_args(ctx.seed, ctx.p))
+        return dx, dbias, None
+
+
+def _bias_gelu_dropout(x: Tensor, bias: Tensor, seed: int, p: float) -> Tensor:
+    """The forward kernel on contiguous x."""
+    y = torch.empty_like(x)
+    cols = bias.numel()
+    kernels().rla_bias_gelu_dropout(x.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel() // cols,
+                                    cols, *mask_args(seed, p))
+    return y
 
 
 class _NativeGeluDropout(torch.autograd.Function):
@@ -128,78 +165,106 @@ def needs_graph(*tensors: Tensor) -> bool:
 DIRECT_MIN_ELEMENTS = 32768
 
 
-def gelu_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Drop-in for ``dropout(F.gelu(x), p, training)`` (exact, erf-based GELU)."""
+def fuses_bias(x: Tensor, p: float) -> bool:
+    """Whether a Linear layer whose output (input ``x``'s size) goes to ``gelu_dropout`` or
+    ``add_dropout_layernorm`` should leave its bias to them: when their kernels will run (acting
+    batches below DIRECT_MIN_ELEMENTS take torch's path, where addmm's bias is cheaper)."""
+    return use_native(x, p) and (torch.is_grad_enabled() or x.numel() >= DIRECT_MIN_ELEMENTS)
+
+
+def _fits_bias(bias: Tensor | None, x: Tensor, width: int) -> bool:
+    """Whether the kernels can add ``bias`` to rows of ``width`` features of ``x``."""
+    return bias is None or (bias.shape == (width,) and bias.dtype == x.dtype
+                            and bias.device == x.device and bias.is_contiguous())
+
+
+def gelu_dropout(x: Tensor, p: float, training: bool, bias: Tensor | None = None) -> Tensor:
+    """Drop-in for ``dropout(F.gelu(x + bias), p, training)`` (exact, erf-based GELU; bias over
+    the last dimension, None: none)."""
     p = p if training else 0.0
-    graph = needs_graph(x)
-    if use_native(x, p) and (graph or x.numel() >= DIRECT_MIN_ELEMENTS):
+    graph = needs_graph(x) or (bias is not None and needs_graph(bias))
+    if (use_native(x, p) and (graph or x.numel() >= DIRECT_MIN_ELEMENTS) and x.numel() < 2**32
+            and _fits_bias(bias, x, x.shape[-1])):
+        if bias is not None:
+            if graph:
+                return _NativeBiasGeluDropout.apply(x, bias, p)
+            return _bias_gelu_dropout(x.contiguous(), bias, draw_seed(p), p)
         if graph:
             return _NativeGeluDropout.apply(x, p)
         x = x.contiguous()
         return _run("rla_gelu_dropout", torch.empty_like(x), x, seed=draw_seed(p), p=p)
-    return dropout(F.gelu(x), p, training)
+    return dropout(F.gelu(x if bias is None else x + bias), p, training)
 
 
-def _add_dropout_layernorm(x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p: float,
-                           eps: float, glu: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+def _add_dropout_layernorm(x: Tensor, z: Tensor, z_bias: Tensor | None, weight: Tensor,
+                           bias: Tensor, p: float, eps: float,
+                           glu: bool) -> tuple[Tensor, Tensor, Tensor, int]:
     """The forward kernel: (y, x̂, rstd, seed) for contiguous x, z."""
     h = x.shape[-1]
     rows = x.numel() // h
     y, xhat, rstd = torch.empty_like(x), torch.empty_like(x), x.new_empty(rows)
     seed = draw_seed(p)
     kernels().rla_add_dropout_layernorm(
-        x.data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-        xhat.data_ptr(), rstd.data_ptr(), rows, h, int(glu), eps, *mask_args(seed, p))
+        x.data_ptr(), z.data_ptr(), None if z_bias is None else z_bias.data_ptr(),
+        weight.data_ptr(), bias.data_ptr(), y.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), rows,
+        h, int(glu), eps, *mask_args(seed, p))
     return y, xhat, rstd, seed
 
 
 class _NativeAddDropoutLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, p: float,  # type: ignore[override]
-                eps: float, glu: bool) -> Tensor:
+    def forward(ctx, x: Tensor, z: Tensor, z_bias: Tensor | None, weight: Tensor,  # type: ignore[override]
+                bias: Tensor, p: float, eps: float, glu: bool) -> Tensor:
         z = z.contiguous()
-        y, xhat, rstd, ctx.seed = _add_dropout_layernorm(x.contiguous(), z, weight, bias, p, eps,
-                                                         glu)
+        y, xhat, rstd, ctx.seed = _add_dropout_layernorm(x.contiguous(), z, z_bias, weight, bias,
+                                                         p, eps, glu)
         ctx.p, ctx.glu = p, glu
-        ctx.save_for_backward(xhat, rstd, weight, z if glu else None)
+        ctx.save_for_backward(xhat, rstd, weight, z if glu else None, z_bias)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, rstd, weight, z = ctx.saved_tensors
+        xhat, rstd, weight, z, z_bias = ctx.saved_tensors
         grad = grad.contiguous()
-        need_x, need_z, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x, need_z, need_zb, need_w, need_b = ctx.needs_input_grad[:5]
         dx = torch.empty_like(xhat)
+        need_z = need_z or need_zb  # the bias gradient is summed from dz
         dz = (torch.empty_like(z) if ctx.glu else torch.empty_like(xhat)) if need_z else None
+        dzb = torch.empty_like(z_bias) if need_zb else None
         dw = torch.empty_like(weight) if need_w or need_b else None
         db = torch.empty_like(weight) if need_w or need_b else None
         h = xhat.shape[-1]
         kernels().rla_add_dropout_layernorm_backward(
             grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(),
-            None if z is None else z.data_ptr(), dx.data_ptr(),
-            None if dz is None else dz.data_ptr(), None if dw is None else dw.data_ptr(),
+            None if z is None else z.data_ptr(), None if z_bias is None else z_bias.data_ptr(),
+            dx.data_ptr(), None if dz is None else dz.data_ptr(),
+            None if dzb is None else dzb.data_ptr(), None if dw is None else dw.data_ptr(),
             None if db is None else db.data_ptr(), xhat.numel() // h, h, int(ctx.glu),
             *mask_args(ctx.seed, ctx.p))
-        return (dx if need_x else None, dz, dw if need_w else None, db if need_b else None,
-                None, None, None)
+        return (dx if need_x else None, dz if ctx.needs_input_grad[1] else None, dzb,
+                dw if need_w else None, db if need_b else None, None, None, None)
 
 
 def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float, training: bool,
-                          glu: bool = False) -> Tensor:
-    """Drop-in for ``norm(x + dropout(z, p, training))``, the post-norm residual; with ``glu``,
-    for ``norm(x + dropout(F.glu(z), p, training))`` (z twice as wide as x)."""
+                          glu: bool = False, z_bias: Tensor | None = None) -> Tensor:
+    """Drop-in for ``norm(x + dropout(z + z_bias, p, training))``, the post-norm residual; with
+    ``glu``, for ``norm(x + dropout(F.glu(z + z_bias), p, training))`` (z twice as wide as x).
+    ``z_bias`` (z's last dimension; None: none) is the bias of the Linear layer that made z."""
     p = p if training else 0.0
-    graph = needs_graph(x, z, norm.weight, norm.bias)
+    graph = needs_graph(x, z, norm.weight, norm.bias) or (z_bias is not None
+                                                          and needs_graph(z_bias))
     if (use_native(x, p) and (graph or x.numel() >= DIRECT_MIN_ELEMENTS)
             and z.shape[:-1] == x.shape[:-1]
             and z.shape[-1] == x.shape[-1] * (2 if glu else 1) and z.dtype == x.dtype
             and z.numel() < 2**32 and norm.weight is not None and norm.bias is not None
-            and norm.normalized_shape == (x.shape[-1],)):
+            and norm.normalized_shape == (x.shape[-1],) and _fits_bias(z_bias, z, z.shape[-1])):
         if graph:
-            return _NativeAddDropoutLayerNorm.apply(x, z, norm.weight, norm.bias, p, norm.eps, glu)
-        return _add_dropout_layernorm(x.contiguous(), z.contiguous(), norm.weight, norm.bias, p,
-                                      norm.eps, glu)[0]
+            return _NativeAddDropoutLayerNorm.apply(x, z, z_bias, norm.weight, norm.bias, p,
+                                                    norm.eps, glu)
+        return _add_dropout_layernorm(x.contiguous(), z.contiguous(), z_bias, norm.weight,
+                                      norm.bias, p, norm.eps, glu)[0]
+    z = z if z_bias is None else z + z_bias
     return norm(x + dropout(F.glu(z, dim=-1) if glu else z, p, training))
 
 

@@ -1,6 +1,7 @@
 """Builds and loads `cpu_kernels.c`: the compiled kernels of a CPU training step (dropout,
 GELU+dropout, softmax+dropout, residual add + dropout + LayerNorm, attention, S4 kernel and
-convolution).
+convolution). GELU+dropout, the residual LayerNorm and attention can also add the bias of the
+Linear layer before them and sum its gradient.
 
 Why our own kernels: with dropout 0.1 active, a training step of the agnostic network at
 d_model 64 spent a third of its time drawing, converting and applying dropout masks, and GELU's
@@ -58,12 +59,15 @@ _SIGNATURES = {
     "rla_dropout": [_F32P, _F32P, _I64, *_MASK],
     "rla_gelu_dropout": [_F32P, _F32P, _I64, *_MASK],
     "rla_gelu_dropout_backward": [_F32P, _F32P, _F32P, _I64, *_MASK],
+    # arrays, rows, columns, mask
+    "rla_bias_gelu_dropout": [*[_F32P] * 3, _I64, _I64, *_MASK],
+    "rla_bias_gelu_dropout_backward": [*[_F32P] * 5, _I64, _I64, *_MASK],
     # arrays, rows, features, glu (0/1), (eps), mask
-    "rla_add_dropout_layernorm": [*[_F32P] * 7, _I64, _I64, _I64, ctypes.c_float, *_MASK],
-    "rla_add_dropout_layernorm_backward": [*[_F32P] * 9, _I64, _I64, _I64, *_MASK],
+    "rla_add_dropout_layernorm": [*[_F32P] * 8, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_add_dropout_layernorm_backward": [*[_F32P] * 11, _I64, _I64, _I64, *_MASK],
     # arrays, batch, length, channels, scale, mask
-    "rla_attention": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
-    "rla_attention_backward": [*[_F32P] * 4, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_attention": [*[_F32P] * 5, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_attention_backward": [*[_F32P] * 5, _I64, _I64, _I64, ctypes.c_float, *_MASK],
     # arrays, rows, row length, mask
     "rla_softmax_dropout": [*[_F32P] * 3, _I64, _I64, *_MASK],
     "rla_softmax_dropout_backward": [*[_F32P] * 3, _I64, _I64, *_MASK],

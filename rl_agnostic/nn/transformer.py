@@ -12,7 +12,9 @@ GPU: memory O(B·L·H) instead of O(B·L²), no softmax matrix kept for backward
 dropout is off), and none of the generic module's argument checking per call. Training on CPU
 (float32, one head, L ≤ NATIVE_ATTENTION_MAX_LEN: observation and action sequences) computes the
 attention, its dropout and backward in one compiled kernel on the packed QKV projection, and each
-residual LayerNorm(x + Dropout(·)) in another (`rl_agnostic.nn.native`). Acting (eval mode,
+residual LayerNorm(x + Dropout(·)) in another (`rl_agnostic.nn.native`); with the kernels the four
+Linear layers run as plain products and their biases are added (and their gradients summed) by the
+kernel that reads their output. Acting (eval mode,
 no autograd) runs the whole layer as torch's one native fused op, the one
 ``nn.TransformerEncoderLayer`` uses for its inference fast path.
 ``to_reference`` builds the plain torch layer with the same weights (used by the tests).
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from rl_agnostic.nn.dropout import (
     add_dropout_layernorm,
     draw_seed,
+    fuses_bias,
     gelu_dropout,
     mask_args,
     needs_graph,
@@ -44,43 +47,49 @@ NATIVE_ATTENTION_MAX_LEN = 24
 _ATTENTION_KERNEL_MAX_LEN = 64  # cpu_kernels.c ATTN_MAX_LEN: the kernel's stack buffers
 
 
-def _native_attention(qkv: Tensor, valid: Tensor | None, p: float) -> tuple[Tensor, Tensor, int]:
-    """The forward kernel on contiguous qkv: (output, softmax weights, mask seed)."""
-    b, length, h3 = qkv.shape
+def _native_attention(xw: Tensor, bias: Tensor | None, valid: Tensor | None,
+                      p: float) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The forward kernel on the projection ``xw`` (B, L, 3H) without its bias: (output, softmax
+    weights, qkv = xw + bias, mask seed). With a bias, qkv is ``xw`` itself, the bias added in
+    place, when ``xw`` is contiguous: pass a product just made and used nowhere else."""
+    b, length, h3 = xw.shape
     h = h3 // 3
+    qkv = xw.contiguous()
     out, weights = qkv.new_empty(b, length, h), qkv.new_empty(b, length, length)
     seed = draw_seed(p)
     mask = None if valid is None else valid.contiguous().view(torch.uint8)
-    kernels().rla_attention(qkv.data_ptr(), None if mask is None else mask.data_ptr(),
-                            out.data_ptr(), weights.data_ptr(), b, length, h, h ** -0.5,
-                            *mask_args(seed, p))
-    return out, weights, seed
+    kernels().rla_attention(qkv.data_ptr(), None if bias is None else bias.data_ptr(),
+                            None if mask is None else mask.data_ptr(), out.data_ptr(),
+                            weights.data_ptr(), b, length, h, h ** -0.5, *mask_args(seed, p))
+    return out, weights, qkv, seed
 
 
 class _NativeAttention(torch.autograd.Function):
     """softmax(Q Kᵀ/√H, keys where ``valid``) with dropout p on the weights, times V, from the
-    packed (B, L, 3H) projection; backward returns the gradient of the packed projection."""
+    packed (B, L, 3H) projection xw + bias (see `_native_attention`; bias None: none); backward
+    returns the gradients of xw and the bias."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, valid: Tensor | None, p: float) -> Tensor:  # type: ignore[override]
-        qkv = qkv.contiguous()
-        out, weights, ctx.seed = _native_attention(qkv, valid, p)
+    def forward(ctx, xw: Tensor, bias: Tensor | None, valid: Tensor | None,  # type: ignore[override]
+                p: float) -> Tensor:
+        out, weights, qkv, ctx.seed = _native_attention(xw, bias, valid, p)
         ctx.p = p
         ctx.save_for_backward(qkv, weights)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:  # type: ignore[override]
         qkv, weights = ctx.saved_tensors
         b, length, h3 = qkv.shape
         h = h3 // 3
         grad = grad.contiguous()
         dqkv = torch.empty_like(qkv)
+        dbias = qkv.new_empty(h3) if ctx.needs_input_grad[1] else None
         kernels().rla_attention_backward(qkv.data_ptr(), weights.data_ptr(), grad.data_ptr(),
-                                         dqkv.data_ptr(), b, length, h, h ** -0.5,
-                                         *mask_args(ctx.seed, ctx.p))
-        return dqkv, None, None
+                                         dqkv.data_ptr(), None if dbias is None else dbias.data_ptr(),
+                                         b, length, h, h ** -0.5, *mask_args(ctx.seed, ctx.p))
+        return dqkv, dbias, None, None
 
 
 class TransformerLayer(nn.Module):
@@ -112,18 +121,30 @@ class TransformerLayer(nn.Module):
             # Acting: torch's fused layer (its four products called from C++) measured faster at
             # batch 8 than this layer's ops with the compiled kernels (HalfCheetah 5.1 vs 5.5 ms)
             return self._fused_inference(x)
-        qkv = self.in_proj(x)
+        # With the kernels the biases go to the kernel after each product (see dropout.py).
+        fuse_bias = fuses_bias(x, p)
         if native:
-            a = (_NativeAttention.apply(qkv, valid, p) if needs_graph(qkv)
-                 else _native_attention(qkv.contiguous(), valid, p)[0])
+            xw = F.linear(x, self.in_proj.weight)
+            bias = self.in_proj.bias
+            a = (_NativeAttention.apply(xw, bias, valid, p) if needs_graph(xw, bias)
+                 else _native_attention(xw, bias, valid, p)[0])
         elif p > 0.0 and x.device.type == "cpu":
+            qkv = self.in_proj(x)
             # Fused CPU kernels have no dropout, and torch's fallback draws its mask ~4x slower.
             a = self._attention_with_dropout(qkv, p, valid)
         else:
+            qkv = self.in_proj(x)
             q, k, v = qkv.view(b, length, 3, self.n_heads, h // self.n_heads).permute(2, 0, 3, 1, 4)
             mask = None if valid is None else valid[:, None, None, :]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(b, length, h)
+        if fuse_bias:
+            x = add_dropout_layernorm(x, F.linear(a, self.out_proj.weight), self.norm1, p,
+                                      self.training, z_bias=self.out_proj.bias)
+            f = gelu_dropout(F.linear(x, self.linear1.weight), p, self.training,
+                             bias=self.linear1.bias)
+            return add_dropout_layernorm(x, F.linear(f, self.linear2.weight), self.norm2, p,
+                                         self.training, z_bias=self.linear2.bias)
         x = add_dropout_layernorm(x, self.out_proj(a), self.norm1, p, self.training)
         f = self.linear2(gelu_dropout(self.linear1(x), p, self.training))
         return add_dropout_layernorm(x, f, self.norm2, p, self.training)
