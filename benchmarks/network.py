@@ -4,7 +4,8 @@ For (obs, act) = CartPole (4, 2 discrete), HalfCheetah (17, 6), Humanoid (376, 1
 and 256 (paper layer counts, separate actor and critic, dropout 0.1 in training as in the paper):
 
 - PPO-style train samples/s at minibatch 512: actor log-prob + entropy + value, clipped PPO loss,
-  backward, grad-norm clip 0.5, Adam. A minibatch is processed in micro-batches of at most
+  backward, grad-norm clip 0.5, Adam, with subnormal floats flushed to zero as the learners run
+  (`rl_agnostic.nn.native.flush_denormals`). A minibatch is processed in micro-batches of at most
   ``--max-activation`` (samples × observation length × d_model) with gradient accumulation: the
   same gradient, with memory bounded for long observations (only Humanoid is split).
 - act latency at batch 8 and 64 (eval mode, actor forward + sampling, median of repeats),
@@ -99,8 +100,10 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     from rl_agnostic.nn.agnostic import AgnosticActorCritic
     from rl_agnostic.nn.config import NetworkConfig
     from rl_agnostic.nn.optim import make_optimizer
+    from rl_agnostic.nn.native import flush_denormals
     from rl_agnostic.nn.s4 import shared_s4_operators
 
+    flushed = flush_denormals()  # as the learners do
     torch.manual_seed(0)
     spec = make_spec(*ENVS[env])
     cfg = NetworkConfig(d_model=d_model)
@@ -176,6 +179,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
         "act_ms_b64": act_ms[64],
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "threads": torch.get_num_threads(),
+        "flush_denormal_threads": flushed,
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "params": sum(p.numel() for p in net.parameters()),
@@ -183,7 +187,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
 
 
 def measure_in_subprocess(d_model: int, env: str, seconds: float, minibatch: int = 512,
-                          max_activation: int = 2**21, extra_env: dict | None = None) -> dict:
+                          max_activation: int = 2**22, extra_env: dict | None = None) -> dict:
     """`run_one` in a fresh process (its own peak RSS; ``extra_env`` added to its environment)."""
     cmd = [sys.executable, __file__, "--one", str(d_model), env, "--seconds", str(seconds),
            "--minibatch", str(minibatch), "--max-activation", str(max_activation)]
@@ -230,7 +234,8 @@ def write_results(rows: list[dict], params: dict, load: tuple[float, float, floa
         "(mean of the per-row measurements, taken in the same process as each row), load average "
         f"before the run {load[0]:.2f}. Paper layer counts (2 S4 + 2 Transformer layers per block, "
         "residual MLP depth 2), every width = d_model, separate actor and critic, dropout 0.1 "
-        "active in training. PPO minibatch 512.",
+        "active in training, subnormal floats flushed to zero (as in the learners). PPO minibatch "
+        "512.",
         "",
         "The *paper impl.* column is the issue's measurement of the paper's code on a 2-core "
         f"machine with an fp32 matmul rate of about {PAPER_MACHINE_GFLOPS} GFLOP/s, not "
@@ -287,7 +292,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d_model 64 only, 3 s per timing")
     parser.add_argument("--seconds", type=float, default=8.0, help="timing window per row")
     parser.add_argument("--minibatch", type=int, default=512)
-    parser.add_argument("--max-activation", type=int, default=2**21,
+    parser.add_argument("--max-activation", type=int, default=2**22,
                         help="max samples × obs length × d_model per micro-batch (memory bound)")
     parser.add_argument("--one", nargs=2, metavar=("D_MODEL", "ENV"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -298,3 +298,28 @@ def test_softmax_dropout_equals_softmax_then_the_same_mask_forward_and_backward(
                                rtol=1e-5)
     torch.testing.assert_close(softmax_dropout(x, p, training=False),
                                torch.softmax(x, dim=-1), equal_nan=True)
+
+
+@native
+def test_flush_denormals_zeroes_subnormals_on_every_pool_thread_and_can_be_undone(monkeypatch):
+    """A product below 1.18e-38 is 0 with the flush, also in the half of a large op that torch's
+    second OpenMP thread computes, and subnormal again after ``flush_denormals(False)``;
+    RL_AGNOSTIC_FLUSH_DENORMAL=0 leaves the mode alone."""
+    import platform
+
+    from rl_agnostic.nn.native import flush_denormals
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("MXCSR is x86")
+    x = torch.full((1 << 20,), 1e-30)
+    assert (x * 1e-10).min().item() > 0.0  # IEEE: subnormal 1e-40
+    try:
+        assert flush_denormals(True) == torch.get_num_threads()
+        assert (x * 1e-10).abs().max().item() == 0.0
+        monkeypatch.setenv("RL_AGNOSTIC_FLUSH_DENORMAL", "0")
+        assert flush_denormals(False) == 0
+        assert (x * 1e-10).abs().max().item() == 0.0  # untouched
+    finally:
+        monkeypatch.delenv("RL_AGNOSTIC_FLUSH_DENORMAL", raising=False)
+        flush_denormals(False)
+    assert (x * 1e-10).min().item() > 0.0

@@ -163,6 +163,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
+    from rl_agnostic.nn.native import flush_denormals
     from rl_agnostic.nn.optim import adam
     from rl_agnostic.offline.iql import IQLNetworks
 
@@ -173,6 +174,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     torch.set_num_threads(cfg.resources.torch_threads)
+    flush_denormals()  # after the thread count: every thread of the pool (rl_agnostic.nn.native)
     device = ray.train.torch.get_device()
     specs = [EnvSpec(**s) for s in config["specs"]]
     names = config["names"]

@@ -35,6 +35,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
+from rl_agnostic.nn.native import flush_denormals
 from rl_agnostic.nn.optim import make_optimizer
 from rl_agnostic.online.gae import PerEnvGeneralAdvantageEstimation
 from rl_agnostic.online.normalize import PerEnvRewardScaler
@@ -51,6 +52,7 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
 
     def build(self) -> None:
         super().build()
+        flush_denormals()  # this process's training threads (see rl_agnostic.nn.native)
         pipeline = self._learner_connector
         present = {type(c) for c in pipeline.connectors} if pipeline is not None else set()
         if GeneralAdvantageEstimation not in present:  # the default pieces are switched off
