@@ -209,10 +209,11 @@ def test_causal_conv_paths_agree_with_naive_loop(length, monkeypatch):
 
 
 @pytest.mark.skipif(kernels() is None, reason="no C compiler")
-@pytest.mark.parametrize(("length", "channels"), [(1, 8), (4, 64), (17, 40), (33, 96)])
+@pytest.mark.parametrize(("length", "channels"), [(1, 8), (4, 64), (17, 40), (33, 96), (77, 64)])
 def test_native_conv_gradients_equal_autograd_of_toeplitz_path(length, channels, monkeypatch):
-    """The compiled kernel's backward (du and dK in one pass) equals autograd through the
-    Toeplitz product; ``channels`` covers the 32-channel register blocks and their tail."""
+    """The compiled kernel and its backward equal autograd through the Toeplitz product;
+    ``channels`` covers the 32-channel register blocks and their tail, lengths from 32 on (with
+    channels a multiple of 32) the blocked loops, an odd batch their single-row tail."""
     u = torch.randn(5, length, channels)
     kernel = torch.randn(channels, length)
     grad = torch.randn(5, length, channels)

@@ -269,8 +269,118 @@ void rla_bias_gelu_dropout_backward(const float *restrict dy, const float *restr
 #define CONV_BLOCK 32
 #define CONV_PARALLEL_WORK ((int64_t)1 << 18)  /* below: one thread (fork/join would dominate) */
 
+/* Long sequences (len ≥ CONV_BLOCKED_MIN_LEN, h a multiple of CONV_BLOCK): CONV_ROWS output
+ * positions of two batch rows are summed at once, so each loaded row of the input serves
+ * CONV_ROWS outputs and each kernel row two batch rows: 0.75 loads per FMA instead of 2 (the
+ * row-by-row loop was load-bound). Forward, L = 376, B = 43, H = 256 (a Humanoid micro-batch at
+ * d_model 256): 6.2 ms instead of 20 ms, the same sums in the same order; with backward (du and
+ * dk) 22 ms instead of 62. Short sequences keep the row-by-row loop (at L = 17 it was 13 % faster
+ * than the blocks).
+ *
+ * conv_block sums outputs i0 .. i0+nr-1 of batch rows b, b+1 (nb of them) for channels
+ * c0 .. c0+CONV_BLOCK-1: position p of a sequence is the row at base + p·stride (the second batch
+ * row at + pair). stride = h is the causal convolution; the anti-causal sum of du,
+ * du[j] = Σ_{i≥j} k[i-j] dy[i], is the same sum over positions counted from the last row
+ * (stride = -h). Inlined with nb = 2, nr = CONV_ROWS constant for full blocks. */
+#define CONV_ROWS 4
+#define CONV_BLOCKED_MIN_LEN 32
+
+static inline __attribute__((always_inline)) void conv_block(
+        const float *restrict u, const float *restrict k, float *restrict y, int64_t stride,
+        int64_t pair, int nb, int64_t i0, int nr, int64_t h, int64_t c0) {
+    float acc[2][CONV_ROWS][CONV_BLOCK];
+    memset(acc, 0, sizeof acc);
+    for (int64_t j = 0; j <= i0; ++j) {  /* every output of the block takes input j */
+        const float *ur = u + j * stride + c0, *kr = k + (i0 - j) * h + c0;
+        for (int bb = 0; bb < nb; ++bb)
+            for (int r = 0; r < nr; ++r)
+                for (int c = 0; c < CONV_BLOCK; ++c)
+                    acc[bb][r][c] += kr[r * h + c] * ur[bb * pair + c];
+    }
+    for (int r = 1; r < nr; ++r)  /* inputs i0+1 .. i0+r reach output i0+r only */
+        for (int64_t j = i0 + 1; j <= i0 + r; ++j) {
+            const float *ur = u + j * stride + c0, *kr = k + (i0 + r - j) * h + c0;
+            for (int bb = 0; bb < nb; ++bb)
+                for (int c = 0; c < CONV_BLOCK; ++c) acc[bb][r][c] += kr[c] * ur[bb * pair + c];
+        }
+    for (int bb = 0; bb < nb; ++bb)
+        for (int r = 0; r < nr; ++r)
+            memcpy(y + (i0 + r) * stride + bb * pair + c0, acc[bb][r], sizeof acc[bb][r]);
+}
+
+/* The convolution of batch rows [b0, b1) in blocks; reverse: the anti-causal one (see above). */
+static void conv_blocked_rows(const float *restrict u, const float *restrict k,
+                              float *restrict y, int64_t b0, int64_t b1, int64_t len, int64_t h,
+                              int reverse) {
+    const int64_t stride = reverse ? -h : h, start = reverse ? (len - 1) * h : 0;
+    for (int64_t b = b0; b < b1; b += 2) {
+        const int nb = b1 - b >= 2 ? 2 : 1;
+        const float *ub = u + b * len * h + start;
+        float *yb = y + b * len * h + start;
+        for (int64_t i0 = 0; i0 < len; i0 += CONV_ROWS) {
+            const int nr = len - i0 >= CONV_ROWS ? CONV_ROWS : (int)(len - i0);
+            for (int64_t c0 = 0; c0 < h; c0 += CONV_BLOCK) {
+                if (nb == 2 && nr == CONV_ROWS)
+                    conv_block(ub, k, yb, stride, len * h, 2, i0, CONV_ROWS, h, c0);
+                else
+                    conv_block(ub, k, yb, stride, len * h, nb, i0, nr, h, c0);
+            }
+        }
+    }
+}
+
+/* dk[l] (+)= Σ_{b in [b0, b1)} Σ_{i≥l} dy[b,i]·u[b,i-l] for CONV_ROWS lags at a time (each loaded
+ * row of dy serves CONV_ROWS lags); per batch row and lag the sum runs over i upwards, as in the
+ * row-by-row loop, and is added to dk in batch order. */
+static void conv_dk_blocked_rows(const float *restrict dy, const float *restrict u,
+                                 float *restrict dk, int64_t b0, int64_t b1, int64_t len,
+                                 int64_t h) {
+    for (int64_t b = b0; b < b1; ++b) {  /* outermost: one batch row's u, dy and dk stay in L2 */
+        for (int64_t l0 = 0; l0 < len; l0 += CONV_ROWS) {
+            const int nl = len - l0 >= CONV_ROWS ? CONV_ROWS : (int)(len - l0);
+            for (int64_t c0 = 0; c0 < h; c0 += CONV_BLOCK) {
+                const float *gb = dy + b * len * h + c0, *ub = u + b * len * h + c0;
+                float acc[CONV_ROWS][CONV_BLOCK];
+                memset(acc, 0, sizeof acc);
+                for (int64_t i = l0; i < l0 + nl - 1; ++i)  /* lags l0 .. i only */
+                    for (int r = 0; r <= i - l0; ++r)
+                        for (int c = 0; c < CONV_BLOCK; ++c)
+                            acc[r][c] += gb[i * h + c] * ub[(i - l0 - r) * h + c];
+                int64_t i = l0 + nl - 1;
+                if (nl == CONV_ROWS)  /* CONV_ROWS positions at a time: 2·CONV_ROWS-1 rows of u */
+                    for (; i + CONV_ROWS <= len; i += CONV_ROWS)
+                        for (int q = 0; q < CONV_ROWS; ++q) {
+                            const float *gr = gb + (i + q) * h, *ur = ub + (i + q - l0) * h;
+                            for (int r = 0; r < CONV_ROWS; ++r)
+                                for (int c = 0; c < CONV_BLOCK; ++c)
+                                    acc[r][c] += gr[c] * ur[c - r * h];
+                        }
+                for (; i < len; ++i) {
+                    const float *gr = gb + i * h, *ur = ub + (i - l0) * h;
+                    for (int r = 0; r < nl; ++r)
+                        for (int c = 0; c < CONV_BLOCK; ++c) acc[r][c] += gr[c] * ur[c - r * h];
+                }
+                for (int r = 0; r < nl; ++r)
+                    for (int c = 0; c < CONV_BLOCK; ++c) dk[(l0 + r) * h + c0 + c] += acc[r][c];
+            }
+        }
+    }
+}
+
 void rla_causal_conv(const float *restrict u, const float *restrict k, float *restrict y,
                      int64_t batch, int64_t len, int64_t h) {
+    if (len >= CONV_BLOCKED_MIN_LEN && h % CONV_BLOCK == 0) {
+        int threads = team_size((batch + 1) / 2, batch * len * len * h > CONV_PARALLEL_WORK);
+        #pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            int t, n;
+            thread_id(&t, &n);
+            const int64_t pairs = (batch + 1) / 2;  /* threads take whole pairs of batch rows */
+            const int64_t b0 = 2 * (pairs * t / n), b1 = 2 * (pairs * (t + 1) / n);
+            conv_blocked_rows(u, k, y, b0, b1 < batch ? b1 : batch, len, h, 0);
+        }
+        return;
+    }
     #pragma omp parallel for schedule(static) if (batch * len * len * h > CONV_PARALLEL_WORK)
     for (int64_t b = 0; b < batch; ++b) {
         const float *ub = u + b * len * h;
@@ -337,12 +447,19 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
     const int64_t size = len * h;
     int threads = team_size(batch, batch * len * len * h > CONV_PARALLEL_WORK);
     float *partial = dk ? partials_alloc(dk, size, &threads) : NULL;
+    const int blocked = len >= CONV_BLOCKED_MIN_LEN && h % CONV_BLOCK == 0;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t, n;
         thread_id(&t, &n);
-        causal_conv_backward_rows(dy, u, k, du, dk ? partial_of(dk, partial, t, size) : NULL,
-                                  batch * t / n, batch * (t + 1) / n, len, h);
+        const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
+        float *dkt = dk ? partial_of(dk, partial, t, size) : NULL;
+        if (blocked) {
+            if (du) conv_blocked_rows(dy, k, du, b0, b1, len, h, 1);
+            if (dk) conv_dk_blocked_rows(dy, u, dkt, b0, b1, len, h);
+        } else {
+            causal_conv_backward_rows(dy, u, k, du, dkt, b0, b1, len, h);
+        }
     }
     if (dk) partials_reduce(dk, partial, threads, size);
 }
