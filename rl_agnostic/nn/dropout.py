@@ -8,7 +8,8 @@ element i as a hash of (seed, i), so backward regenerates the mask instead of st
 ``gelu_dropout`` and ``add_dropout_layernorm`` also take the bias of the Linear layer before them:
 the kernels add it and sum its gradient in the same pass, so the layer runs as a plain product
 (torch's addmm first copies the bias into the output, and autograd sums the bias gradient in
-another pass: together ~7 % of a d_model 256 training step).
+another pass). Measured side by side, the d_model 256 training step got 2 % (HalfCheetah) and
+1 % (CartPole) faster.
 The seed comes from torch's default generator, so ``torch.manual_seed`` makes runs reproducible.
 The kernels split large tensors among torch's own OpenMP threads (`rl_agnostic.nn.native`); the
 mask of an element does not depend on the thread count. (A Python helper thread splitting them

@@ -207,8 +207,6 @@ def flush_denormals(enable: bool = True) -> int:
         return 0
     import torch
 
-    torch.set_flush_denormal(enable)  # the calling thread, also without the kernels
+    supported = torch.set_flush_denormal(enable)  # the calling thread, also without the kernels
     lib = kernels()
-    if lib is None:
-        return int(torch.set_flush_denormal(enable))
-    return lib.rla_set_flush_denormal(int(enable))
+    return lib.rla_set_flush_denormal(int(enable)) if lib is not None else int(supported)

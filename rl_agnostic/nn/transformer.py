@@ -12,11 +12,10 @@ GPU: memory O(B·L·H) instead of O(B·L²), no softmax matrix kept for backward
 dropout is off), and none of the generic module's argument checking per call. Training on CPU
 (float32, one head, L ≤ NATIVE_ATTENTION_MAX_LEN: observation and action sequences) computes the
 attention, its dropout and backward in one compiled kernel on the packed QKV projection, and each
-residual LayerNorm(x + Dropout(·)) in another (`rl_agnostic.nn.native`); with the kernels the four
-Linear layers run as plain products and their biases are added (and their gradients summed) by the
-kernel that reads their output. Acting (eval mode,
-no autograd) runs the whole layer as torch's one native fused op, the one
-``nn.TransformerEncoderLayer`` uses for its inference fast path.
+residual LayerNorm(x + Dropout(·)) in another (`rl_agnostic.nn.native`); with the kernels the
+Linear layers run as plain products, their biases added (and their gradients summed) by the
+kernel that reads their output. Acting (eval mode, no autograd) runs the whole layer as torch's
+one native fused op, the one ``nn.TransformerEncoderLayer`` uses for its inference fast path.
 ``to_reference`` builds the plain torch layer with the same weights (used by the tests).
 """
 
