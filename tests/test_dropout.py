@@ -272,32 +272,33 @@ def test_add_dropout_layernorm_equals_layernorm_of_the_same_mask_forward_and_bac
 
 
 @native
-@pytest.mark.parametrize("p", [0.1, 0.4])
-def test_softmax_dropout_equals_softmax_then_the_same_mask_forward_and_backward(p):
-    """Row softmax + dropout in one kernel: torch's softmax times the drawn mask / (1-p), and the
-    same input gradient; masked (-inf) keys get weight 0, a fully masked row gives zeros."""
+@pytest.mark.parametrize(("p", "scale"), [(0.1, 1.0), (0.4, 1.0), (0.2, 0.3)])
+def test_softmax_dropout_equals_softmax_then_the_same_mask_forward_and_backward(p, scale):
+    """Row softmax (of the scores times ``scale``) + dropout in one kernel: torch's softmax times
+    the drawn mask / (1-p), and the same input gradient; masked (-inf) keys get weight 0, a fully
+    masked row gives zeros."""
     torch.manual_seed(6)
     x = torch.randn(9, 31, 50) * 3
     x[0, 0, 5:9] = float("-inf")
     x[1, 2] = float("-inf")
     x.requires_grad_(True)
-    y = softmax_dropout(x, p, training=True)
+    y = softmax_dropout(x, p, training=True, scale=scale)
     grad = torch.randn_like(y)
     y.backward(grad)
-    w = torch.softmax(x.detach(), dim=-1).nan_to_num(0.0)
+    w = torch.softmax(x.detach() * scale, dim=-1).nan_to_num(0.0)
     keep = torch.where(w > 0, (y.detach() * (1 - p) / w.clamp(min=1e-30)).round(),
                        torch.ones_like(w))
     assert set(keep.unique().tolist()) <= {0.0, 1.0}
     assert abs(keep[w > 0].mean().item() - (1 - p)) < 0.02
     assert (y[1, 2] == 0).all() and (y[0, 0, 5:9] == 0).all()
     x2 = x.detach().clone().requires_grad_(True)
-    ref = torch.softmax(x2, dim=-1).nan_to_num(0.0) * keep / (1 - p)
+    ref = torch.softmax(x2 * scale, dim=-1).nan_to_num(0.0) * keep / (1 - p)
     ref.backward(grad)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad.nan_to_num(0.0), x2.grad.nan_to_num(0.0), atol=1e-6,
                                rtol=1e-5)
-    torch.testing.assert_close(softmax_dropout(x, p, training=False),
-                               torch.softmax(x, dim=-1), equal_nan=True)
+    torch.testing.assert_close(softmax_dropout(x, p, training=False, scale=scale),
+                               torch.softmax(x * scale, dim=-1), equal_nan=True)
 
 
 @native

@@ -8,7 +8,8 @@ from _reference import actor_reference, randomize_norms, value_reference
 
 from rl_agnostic.nn import AgnosticActorCritic, EnvSpec, NetworkConfig
 from rl_agnostic.nn.native import kernels
-from rl_agnostic.nn.transformer import TransformerLayer, _NativeAttention
+from rl_agnostic.nn.dropout import softmax_dropout
+from rl_agnostic.nn.transformer import TransformerLayer, _LongSingleHeadAttention, _NativeAttention
 
 DISCRETE = EnvSpec("CartPole-v1", 4, "discrete", 3)
 # obs_dim 600 is past every TOEPLITZ_MAX_LEN setting: the encoder takes the FFT path.
@@ -103,6 +104,38 @@ def test_native_attention_equals_softmax_attention_with_its_dropout_mask(p, mask
     torch.testing.assert_close(xw.grad, ref_qkv.grad, atol=1e-5, rtol=1e-4)
     if biased:
         torch.testing.assert_close(bias.grad, ref_qkv.grad.sum((0, 1)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C compiler")
+@pytest.mark.parametrize("masked", [False, True])
+def test_long_single_head_attention_equals_its_autograd_graph(masked):
+    """Attention over sequences too long for the compiled kernel: the same output and packed
+    gradient as autograd through split, products and the softmax+dropout kernel with the same
+    mask (same seed), the gradient written into one tensor without a concatenation."""
+    b, length, h = 6, 40, 16
+    qkv = torch.randn(b, length, 3 * h, requires_grad=True)
+    valid = (torch.rand(b, length) < 0.7) if masked else None
+    if masked:
+        valid[:, 0] = True
+    torch.manual_seed(9)
+    a = _LongSingleHeadAttention.apply(qkv, valid, 0.3)
+    grad = torch.randn_like(a)
+    a.backward(grad)
+    ref_qkv = qkv.detach().clone().requires_grad_(True)
+    q, k, v = ref_qkv.split(h, dim=-1)
+    scores = q @ k.transpose(-1, -2)
+    if masked:
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    torch.manual_seed(9)
+    kept = softmax_dropout(scores, 0.3, True, scale=h ** -0.5)
+    assert (kept == 0).float().mean() > 0.2  # dropout drew a mask
+    ref = kept @ v
+    ref.backward(grad)
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(qkv.grad, ref_qkv.grad, atol=1e-5, rtol=1e-4)
+    # and softmax_dropout's scale is softmax of the scaled scores (p = 0: no mask)
+    torch.testing.assert_close(softmax_dropout(scores, 0.0, True, scale=0.25),
+                               torch.softmax(scores * 0.25, -1))
 
 
 def test_transformer_reference_follows_training_mode():

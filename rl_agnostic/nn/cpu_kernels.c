@@ -1008,16 +1008,17 @@ void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *res
 }
 
 /* Row softmax followed by dropout, for attention weights too long for `rla_attention` (scores
- * (rows, len) from torch's batched products; masked keys are -inf):
+ * (rows, len) from torch's batched products, scaled here by alpha > 0 (1/√H: no scaled copy of Q);
+ * masked keys are -inf):
  *
- *     w = softmax(s) (saved),  out = w · keep / (1-p);   backward: dw = dout · keep / (1-p),
- *     ds = w · (dw - Σ_j w_j dw_j)
+ *     w = softmax(alpha·s) (saved),  out = w · keep / (1-p);   backward: dw = dout · keep / (1-p),
+ *     ds = alpha · w · (dw - Σ_j w_j dw_j)
  *
  * keep of element i = keep_at(i) as in the residual kernel. One pass over the (B, L, L) weights
  * each way, where torch needs softmax, mask and multiply (and their backward) separately. */
 static inline __attribute__((always_inline)) void softmax_dropout_row(
         const float *restrict s, float *restrict w, float *restrict out, int64_t len,
-        uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
+        float alpha, uint32_t base, uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
     float top = -INFINITY;
     #pragma omp simd reduction(max:top)
     for (int64_t j = 0; j < len; ++j) top = s[j] > top ? s[j] : top;
@@ -1029,7 +1030,7 @@ static inline __attribute__((always_inline)) void softmax_dropout_row(
     float total = 0.0f;
     #pragma omp simd reduction(+:total)
     for (int64_t j = 0; j < len; ++j) {
-        w[j] = exp_nonpositive(s[j] - top);
+        w[j] = exp_nonpositive(alpha * (s[j] - top));
         total += w[j];
     }
     const float inv = 1.0f / total;
@@ -1041,18 +1042,18 @@ static inline __attribute__((always_inline)) void softmax_dropout_row(
 }
 
 void rla_softmax_dropout(const float *restrict scores, float *restrict w, float *restrict out,
-                         int64_t rows, int64_t len, uint64_t seed, uint32_t threshold,
-                         float scale) {
+                         int64_t rows, int64_t len, float alpha, uint64_t seed,
+                         uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     #pragma omp parallel for schedule(static) if (rows * len >= KEEP_BLOCK)
     for (int64_t r = 0; r < rows; ++r)
-        softmax_dropout_row(scores + r * len, w + r * len, out + r * len, len,
+        softmax_dropout_row(scores + r * len, w + r * len, out + r * len, len, alpha,
                             (uint32_t)(r * len), k0, k1, threshold, scale);
 }
 
 void rla_softmax_dropout_backward(const float *restrict dout, const float *restrict w,
-                                  float *restrict ds, int64_t rows, int64_t len, uint64_t seed,
-                                  uint32_t threshold, float scale) {
+                                  float *restrict ds, int64_t rows, int64_t len, float alpha,
+                                  uint64_t seed, uint32_t threshold, float scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     #pragma omp parallel for schedule(static) if (rows * len >= KEEP_BLOCK)
     for (int64_t r = 0; r < rows; ++r) {
@@ -1066,6 +1067,6 @@ void rla_softmax_dropout_backward(const float *restrict dout, const float *restr
             dot_wg += wr[j] * d[j];
         }
         #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) d[j] = wr[j] * (d[j] - dot_wg);
+        for (int64_t j = 0; j < len; ++j) d[j] = alpha * wr[j] * (d[j] - dot_wg);
     }
 }

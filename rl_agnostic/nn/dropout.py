@@ -269,35 +269,47 @@ def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float, tr
     return norm(x + dropout(F.glu(z, dim=-1) if glu else z, p, training))
 
 
+def softmax_dropout_forward(x: Tensor, p: float, scale: float) -> tuple[Tensor, Tensor, int]:
+    """The forward kernel on contiguous x: (softmax weights, output, mask seed)."""
+    w, out = torch.empty_like(x), torch.empty_like(x)
+    seed = draw_seed(p)
+    length = x.shape[-1]
+    kernels().rla_softmax_dropout(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // length,
+                                  length, scale, *mask_args(seed, p))
+    return w, out, seed
+
+
+def softmax_dropout_backward(grad: Tensor, w: Tensor, seed: int, p: float,
+                              scale: float) -> Tensor:
+    """The gradient of the scores from that of the output (contiguous), the saved weights."""
+    ds = torch.empty_like(w)
+    length = w.shape[-1]
+    kernels().rla_softmax_dropout_backward(grad.data_ptr(), w.data_ptr(), ds.data_ptr(),
+                                           w.numel() // length, length, scale,
+                                           *mask_args(seed, p))
+    return ds
+
+
 class _NativeSoftmaxDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        w, out = torch.empty_like(x), torch.empty_like(x)
-        ctx.seed, ctx.p = draw_seed(p), p
-        length = x.shape[-1]
-        kernels().rla_softmax_dropout(x.data_ptr(), w.data_ptr(), out.data_ptr(),
-                                      x.numel() // length, length, *mask_args(ctx.seed, p))
+    def forward(ctx, x: Tensor, p: float, scale: float) -> Tensor:  # type: ignore[override]
+        w, out, ctx.seed = softmax_dropout_forward(x.contiguous(), p, scale)
+        ctx.p, ctx.scale = p, scale
         ctx.save_for_backward(w)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (w,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        ds = torch.empty_like(w)
-        length = w.shape[-1]
-        kernels().rla_softmax_dropout_backward(grad.data_ptr(), w.data_ptr(), ds.data_ptr(),
-                                               w.numel() // length, length,
-                                               *mask_args(ctx.seed, ctx.p))
-        return ds, None
+        return (softmax_dropout_backward(grad.contiguous(), w, ctx.seed, ctx.p, ctx.scale),
+                None, None)
 
 
-def softmax_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Drop-in for ``dropout(torch.softmax(x, -1), p, training)`` (rows of -inf give 0 with the
-    kernel, NaN without)."""
+def softmax_dropout(x: Tensor, p: float, training: bool, scale: float = 1.0) -> Tensor:
+    """Drop-in for ``dropout(torch.softmax(x * scale, -1), p, training)`` (scale > 0; rows of
+    -inf give 0 with the kernel, NaN without)."""
     p = p if training else 0.0
     if p > 0.0 and use_native(x, p) and x.numel() < 2**32:
-        return _NativeSoftmaxDropout.apply(x, p)
-    return dropout(torch.softmax(x, dim=-1), p, training)
+        return _NativeSoftmaxDropout.apply(x, p, scale)
+    return dropout(torch.softmax(x * scale if scale != 1.0 else x, dim=-1), p, training)

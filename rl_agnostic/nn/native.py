@@ -68,9 +68,9 @@ _SIGNATURES = {
     # arrays, batch, length, channels, scale, mask
     "rla_attention": [*[_F32P] * 5, _I64, _I64, _I64, ctypes.c_float, *_MASK],
     "rla_attention_backward": [*[_F32P] * 5, _I64, _I64, _I64, ctypes.c_float, *_MASK],
-    # arrays, rows, row length, mask
-    "rla_softmax_dropout": [*[_F32P] * 3, _I64, _I64, *_MASK],
-    "rla_softmax_dropout_backward": [*[_F32P] * 3, _I64, _I64, *_MASK],
+    # arrays, rows, row length, score scale, mask
+    "rla_softmax_dropout": [*[_F32P] * 3, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_softmax_dropout_backward": [*[_F32P] * 3, _I64, _I64, ctypes.c_float, *_MASK],
     # arrays, channels, modes, length, zoh (0/1)
     "rla_ssm_full_kernel": [*[_F32P] * 6, _I64, _I64, _I64, _I64],
     "rla_ssm_full_kernel_backward": [*[_F32P] * 11, _I64, _I64, _I64, _I64],
