@@ -99,7 +99,8 @@ class _LongSingleHeadAttention(torch.autograd.Function):
     projection and the softmax+dropout kernel, which also applies the 1/√H scale. Backward writes
     dQ, dK and dV straight into the packed gradient. Autograd's version of the same graph scaled
     a copy of Q, and its split backward concatenated the three gradients: 13 ms for one (43, 376,
-    256) Humanoid micro-batch, as long as a product."""
+    256) Humanoid micro-batch, more than one of its batched products (9 ms). Humanoid's d_model
+    256 training step measured 6 % faster."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, valid: Tensor | None, p: float) -> Tensor:  # type: ignore[override]
