@@ -7,9 +7,14 @@ import torch
 from _reference import actor_reference, randomize_norms, value_reference
 
 from rl_agnostic.nn import AgnosticActorCritic, EnvSpec, NetworkConfig
-from rl_agnostic.nn.native import kernels
 from rl_agnostic.nn.dropout import softmax_dropout
-from rl_agnostic.nn.transformer import TransformerLayer, _LongSingleHeadAttention, _NativeAttention
+from rl_agnostic.nn.native import kernels
+from rl_agnostic.nn.transformer import (
+    TransformerLayer,
+    _LongSingleHeadAttention,
+    _native_attention,
+    _NativeAttention,
+)
 
 DISCRETE = EnvSpec("CartPole-v1", 4, "discrete", 3)
 # obs_dim 600 is past every TOEPLITZ_MAX_LEN setting: the encoder takes the FFT path.
@@ -81,11 +86,16 @@ def test_native_attention_equals_softmax_attention_with_its_dropout_mask(p, mask
     if masked:
         valid[:, 0] = True
     product = xw * 1.0  # a fresh tensor: the kernel adds the bias to it in place
+    torch.manual_seed(8)
     a = _NativeAttention.apply(product, bias if biased else None, valid, p)
     grad = torch.randn_like(a)
     a.backward(grad)
     if not biased:
         assert bias.grad is None
+    with torch.no_grad():  # the direct call (no autograd): the same output for the same seed
+        torch.manual_seed(8)
+        direct = _native_attention(xw * 1.0, bias if biased else None, valid, p)[0]
+    torch.testing.assert_close(direct, a.detach())
 
     ref_qkv = qkv.detach().clone().requires_grad_(True)
     q, k, v = ref_qkv.split(h, dim=-1)
