@@ -173,6 +173,14 @@ def fuses_bias(x: Tensor, p: float) -> bool:
     return use_native(x, p) and (torch.is_grad_enabled() or x.numel() >= DIRECT_MIN_ELEMENTS)
 
 
+def linear_leaving_bias(linear: nn.Linear, x: Tensor,
+                        fuse: bool) -> tuple[Tensor, Tensor | None]:
+    """``linear(x)`` as (product, bias still to add): with ``fuse`` (see `fuses_bias`) the plain
+    product x·Wᵀ and the bias, for the kernel that reads the product; else the whole layer and
+    None."""
+    return (F.linear(x, linear.weight), linear.bias) if fuse else (linear(x), None)
+
+
 def _fits_bias(bias: Tensor | None, x: Tensor, width: int) -> bool:
     """Whether the kernels can add ``bias`` to rows of ``width`` features of ``x``."""
     return bias is None or (bias.shape == (width,) and bias.dtype == x.dtype

@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.nn.config import Discretization, S4Init
-from rl_agnostic.nn.dropout import add_dropout_layernorm, fuses_bias, gelu_dropout, use_native
+from rl_agnostic.nn.dropout import (
+    add_dropout_layernorm,
+    fuses_bias,
+    gelu_dropout,
+    linear_leaving_bias,
+    use_native,
+)
 from rl_agnostic.nn.native import kernels
 
 # Up to this length an explicit Toeplitz product beats the FFT: on 2 CPU cores torch's FFT
@@ -366,12 +372,10 @@ class S4Layer(nn.Module):
 
     def _mix(self, x: Tensor, y: Tensor) -> Tensor:
         y = gelu_dropout(y, self.dropout, self.training)
-        if fuses_bias(x, self.dropout if self.training else 0.0):
-            return add_dropout_layernorm(x, F.linear(y, self.output_linear.weight), self.norm,
-                                         self.dropout, self.training, glu=True,
-                                         z_bias=self.output_linear.bias)
-        return add_dropout_layernorm(x, self.output_linear(y), self.norm, self.dropout,
-                                     self.training, glu=True)
+        z, z_bias = linear_leaving_bias(self.output_linear, y,
+                                        fuses_bias(x, self.dropout if self.training else 0.0))
+        return add_dropout_layernorm(x, z, self.norm, self.dropout, self.training, glu=True,
+                                     z_bias=z_bias)
 
     def step(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Recurrent form for one position: x (B, H), state complex (B, H, N/2) or None."""

@@ -30,6 +30,7 @@ from rl_agnostic.nn.dropout import (
     draw_seed,
     fuses_bias,
     gelu_dropout,
+    linear_leaving_bias,
     mask_args,
     needs_graph,
     softmax_dropout,
@@ -109,8 +110,8 @@ class _LongSingleHeadAttention(torch.autograd.Function):
         scores = torch.bmm(q, k.transpose(1, 2))
         if valid is not None:
             scores.masked_fill_(~valid[:, None, :], float("-inf"))
-        w, kept, ctx.seed = softmax_dropout_forward(scores, p, h ** -0.5)
         ctx.p, ctx.scale = p, h ** -0.5
+        w, kept, ctx.seed = softmax_dropout_forward(scores, p, ctx.scale)
         ctx.save_for_backward(qkv, w, kept)
         return torch.bmm(kept, v)
 
@@ -176,16 +177,12 @@ class TransformerLayer(nn.Module):
             mask = None if valid is None else valid[:, None, None, :]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             a = a.transpose(1, 2).reshape(b, length, h)
-        if fuse_bias:
-            x = add_dropout_layernorm(x, F.linear(a, self.out_proj.weight), self.norm1, p,
-                                      self.training, z_bias=self.out_proj.bias)
-            f = gelu_dropout(F.linear(x, self.linear1.weight), p, self.training,
-                             bias=self.linear1.bias)
-            return add_dropout_layernorm(x, F.linear(f, self.linear2.weight), self.norm2, p,
-                                         self.training, z_bias=self.linear2.bias)
-        x = add_dropout_layernorm(x, self.out_proj(a), self.norm1, p, self.training)
-        f = self.linear2(gelu_dropout(self.linear1(x), p, self.training))
-        return add_dropout_layernorm(x, f, self.norm2, p, self.training)
+        z, z_bias = linear_leaving_bias(self.out_proj, a, fuse_bias)
+        x = add_dropout_layernorm(x, z, self.norm1, p, self.training, z_bias=z_bias)
+        u, u_bias = linear_leaving_bias(self.linear1, x, fuse_bias)
+        f = gelu_dropout(u, p, self.training, bias=u_bias)
+        z, z_bias = linear_leaving_bias(self.linear2, f, fuse_bias)
+        return add_dropout_layernorm(x, z, self.norm2, p, self.training, z_bias=z_bias)
 
     def _attention_with_dropout(self, qkv: Tensor, p: float, valid: Tensor | None) -> Tensor:
         b, length, h3 = qkv.shape
