@@ -4,7 +4,8 @@ For (obs, act) = CartPole (4, 2 discrete), HalfCheetah (17, 6), Humanoid (376, 1
 and 256 (paper layer counts, separate actor and critic, dropout 0.1 in training as in the paper):
 
 - PPO-style train samples/s at minibatch 512: actor log-prob + entropy + value, clipped PPO loss,
-  backward, grad-norm clip 0.5, Adam, with subnormal floats flushed to zero as the learners run
+  backward, grad-norm clip 0.5, Adam (the clip folded into fused Adam's step,
+  `rl_agnostic.nn.optim.clipped_step`), with subnormal floats flushed to zero, as the learners run
   (`rl_agnostic.nn.native.flush_denormals`). A minibatch is processed in micro-batches of at most
   ``--max-activation`` (samples × observation length × d_model) with gradient accumulation: the
   same gradient, with memory bounded for long observations (only Humanoid is split).
@@ -99,7 +100,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     from rl_agnostic.nn import flops
     from rl_agnostic.nn.agnostic import AgnosticActorCritic
     from rl_agnostic.nn.config import NetworkConfig
-    from rl_agnostic.nn.optim import make_optimizer
+    from rl_agnostic.nn.optim import clipped_step, make_optimizer
     from rl_agnostic.nn.native import flush_denormals
     from rl_agnostic.nn.s4 import shared_s4_operators
 
@@ -132,8 +133,7 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
                 vf = 0.5 * (value - returns[sl]).square().sum()
                 ent = net.entropy(spec, dist).sum()
                 ((pg + vf - 0.0 * ent) / minibatch).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5, foreach=True)
-        opt.step()
+        clipped_step(opt, 0.5)  # grad-norm clip 0.5 folded into fused Adam, as the learners
 
     rate_before = matmul_gflops()
     train_step()  # warm-up

@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 from ray import cloudpickle
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 
 from rl_agnostic.online.config import TrainConfig
 from rl_agnostic.online.learner import SharedNetworkPPOLearner
@@ -346,3 +347,41 @@ def test_one_runner_hosting_discrete_then_continuous_types_samples_both(local_ra
         assert all(items[-1].env_steps[e] > 0 for e in cfg.env_ids), items[-1].env_steps
     finally:
         trainer.stop()
+
+
+class RLlibClipLearner(SharedNetworkPPOLearner):
+    """RLlib's own clip and optimizer step (a norm and a multiply per tensor, then per-tensor
+    finiteness checks), as the reference for the learner's folded clip."""
+
+    postprocess_gradients_for_module = PPOTorchLearner.postprocess_gradients_for_module
+    apply_gradients = PPOTorchLearner.apply_gradients
+
+
+@pytest.mark.parametrize("grad_scale", [1e-4, 10.0, float("nan")])  # unclipped, clipped, NaN
+def test_learner_clip_folded_into_adam_equals_rllibs_clip_then_step(tmp_path, grad_scale):
+    from rl_agnostic.online.algo import build_algorithm_config, env_spaces
+
+    cfg = tiny_config(tmp_path, envs=["CartPole-v1", "Pendulum-v1"])
+    spaces = env_spaces(cfg, probe_steps=0)
+    learners = [build_algorithm_config(cfg, spaces).training(learner_class=cls)
+                .build_learner(spaces=spaces) for cls in (SharedNetworkPPOLearner, RLlibClipLearner)]
+    learners[1].module.network.load_state_dict(learners[0].module.network.state_dict())
+    norms = []
+    for step in range(2):
+        for learner in learners:
+            gen = torch.Generator().manual_seed(step)
+            grads = {}
+            for ref, p in learner._params.items():
+                p.grad = torch.randn(p.shape, generator=gen) * grad_scale
+                grads[ref] = p.grad
+            learner.apply_gradients(learner.postprocess_gradients(grads))
+            norms.append(learner.metrics.peek(
+                (learner.module.weights_owner, "gradients_default_optimizer_global_norm")))
+        nets = [learner.module.network for learner in learners]
+        for (name, a), b in zip(nets[1].named_parameters(), nets[0].parameters()):
+            assert torch.isfinite(b).all(), name
+            torch.testing.assert_close(b, a, rtol=0, atol=2e-6 * max(1.0, a.abs().max().item()),
+                                       msg=name)
+    if grad_scale == grad_scale:  # finite: the same norm logged
+        torch.testing.assert_close(torch.tensor(norms[::2]), torch.tensor(norms[1::2]), rtol=1e-5,
+                                   atol=0)

@@ -7,7 +7,7 @@ import torch
 
 from _reference import randomize_norms
 from rl_agnostic.nn import AgnosticActorCritic, AgnosticTwinQ, EnvSpec, NetworkConfig, build_actor_critic
-from rl_agnostic.nn.optim import make_optimizer, param_groups
+from rl_agnostic.nn.optim import clipped_step, grad_norm, make_optimizer, param_groups
 from rl_agnostic.nn.s4 import S4DKernel
 
 CFG = NetworkConfig(d_model=16, dropout=0.0)
@@ -162,3 +162,51 @@ def test_fallback_after_an_unsupported_fused_kernel_builds_plain_adam(monkeypatc
     opt = adam(param_groups(AgnosticActorCritic(CFG)))
     assert not opt.defaults.get("fused")
     assert not any(g.get("fused") for g in opt.param_groups)
+
+
+def _with_grads(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * scale
+
+
+@pytest.mark.parametrize("device_path", ["kernel", "torch"])
+def test_grad_norm_equals_torch_total_norm(device_path, monkeypatch):
+    import rl_agnostic.nn.optim as optim
+
+    if device_path == "torch":
+        monkeypatch.setattr(optim, "kernels", lambda: None)
+    model = AgnosticActorCritic(CFG, [CARTPOLE, HOPPER])
+    _with_grads(model, 3.0)
+    grads = [p.grad for p in model.parameters()] + [None]
+    want = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+    torch.testing.assert_close(grad_norm(grads), want, rtol=1e-6, atol=0)
+    grads[3].view(-1)[7] = float("nan")
+    assert torch.isnan(grad_norm(grads))
+    grads[3].view(-1)[7] = float("inf")
+    assert torch.isinf(grad_norm(grads))
+    assert grad_norm([None]).item() == 0.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scale", [1e-4, 1.0])  # below the clip norm (no clip) and above it
+def test_clipped_step_equals_clip_grad_norm_then_step(fused, scale):
+    torch.manual_seed(0)
+    models = [AgnosticActorCritic(CFG, [CARTPOLE, HOPPER]) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [make_optimizer(m, fused=fused) for m in models]
+    for step in range(3):
+        for m in models:
+            _with_grads(m, scale, seed=step)
+        torch.nn.utils.clip_grad_norm_(models[0].parameters(), 0.5)
+        opts[0].step()
+        total = clipped_step(opts[1], 0.5)
+        want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in models[1].parameters()]))
+        if scale < 1e-3:
+            torch.testing.assert_close(total, want, rtol=1e-5, atol=0)
+        for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=2e-6 * max(1.0, a.abs().max().item()),
+                                       msg=name)
+            # the gradients left behind are the clipped ones in both
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9)
+        assert not hasattr(opts[1], "grad_scale")

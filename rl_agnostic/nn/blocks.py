@@ -120,9 +120,13 @@ class Encoder(nn.Module):
         its output is that of the unpadded sequence. None: every row is I long."""
         if x.dim() != 2 or x.shape[1] < 1:
             raise ValueError(f"encoder input must be (batch, length>=1), got {tuple(x.shape)}")
-        h = x.unsqueeze(-1) * self.lift.weight.view(-1) + self.lift.bias
-        if self.codes is not None:
-            h = h * self.codes(x.shape[1], x.device)
+        w, b = self.lift.weight.view(-1), self.lift.bias
+        if self.codes is not None:  # (x·w + b) ⊙ c = x·(w ⊙ c) + b ⊙ c: (I, H) products
+            codes = self.codes(x.shape[1], x.device)
+            w, b = w * codes, b * codes
+        # One op writes the (B, I, H) lift; its backward reads the incoming gradient twice
+        # (three separate ops wrote it three times and read it four times).
+        h = torch.addcmul(b, x.unsqueeze(-1), w)
         if lengths is None:
             return self.block(h).mean(dim=1)
         valid = padding_mask(lengths, x.shape[1])
@@ -177,7 +181,7 @@ class Decoder(nn.Module):
             raise ValueError(f"decoder output length must be >= 1, got {out_len}")
         pe = self.positional(out_len, h.device)
         h = h.unsqueeze(1)
-        z = h * self.codes(out_len, h.device) + pe if self.modulated else h + pe
+        z = torch.addcmul(pe, h, self.codes(out_len, h.device)) if self.modulated else h + pe
         valid = None if lengths is None else padding_mask(lengths, out_len)
         return self.block(z, valid).sum(dim=-1) * self.pool_scale
 

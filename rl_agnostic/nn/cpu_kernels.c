@@ -191,6 +191,44 @@ static inline void thread_id(int *t, int *n) {
 #endif
 }
 
+/* Σ x² over `count` float arrays (ptrs[i] with sizes[i] elements): the squared global norm of a
+ * model's gradients in one parallel pass, where torch's CPU foreach norm runs one op per tensor
+ * (~200 per step of the agnostic network). Thread t of n sums elements [N·t/n, N·(t+1)/n) of
+ * the concatenation, in float over blocks of SUMSQ_BLOCK and in double across blocks; the
+ * threads' sums are added in thread order (the same result for a given thread count). */
+#define SUMSQ_BLOCK 4096
+#define SUMSQ_PARALLEL ((int64_t)1 << 16)
+double rla_sum_squares(const float *const *ptrs, const int64_t *sizes, int64_t count) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; ++i) total += sizes[i];
+    const int threads = team_size(total, total >= SUMSQ_PARALLEL);
+    double part[threads];
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t, n;
+        thread_id(&t, &n);
+        const int64_t lo = total * t / n, hi = total * (t + 1) / n;
+        double sum = 0.0;
+        int64_t offset = 0;
+        for (int64_t i = 0; i < count && offset < hi; offset += sizes[i], ++i) {
+            const float *x = ptrs[i];
+            const int64_t start = lo > offset ? lo - offset : 0;
+            const int64_t end = hi - offset < sizes[i] ? hi - offset : sizes[i];
+            for (int64_t s = start; s < end; s += SUMSQ_BLOCK) {
+                const int64_t e = s + SUMSQ_BLOCK < end ? s + SUMSQ_BLOCK : end;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t j = s; j < e; ++j) acc += x[j] * x[j];
+                sum += acc;
+            }
+        }
+        part[t] = sum;
+    }
+    double result = 0.0;
+    for (int t = 0; t < threads; ++t) result += part[t];
+    return result;
+}
+
 /* GELU + dropout after a Linear layer whose bias is added here instead of by the product
  * (torch's addmm copies the bias into its output first, an extra pass over memory; the bias
  * gradient is summed here too, not in another pass): h (rows, cols) from x·Wᵀ, bias (cols),
@@ -883,19 +921,47 @@ void rla_attention_backward(const float *restrict qkv, const float *restrict wei
 
 typedef float complex cfloat;
 
-static inline void ssm_discretize(int zoh, float dt, float log_a_re, float a_im, cfloat b,
-                                  cfloat *a_bar, cfloat *b_bar) {
+/* ZOH (complex-typed, scalar code: sin/cos of Im ΔA; the default bilinear rule runs vectorized
+ * below). */
+static inline void ssm_discretize_zoh(float dt, float log_a_re, float a_im, cfloat b,
+                                      cfloat *a_bar, cfloat *b_bar) {
     const cfloat a = -expf(log_a_re) + I * a_im, u = dt * a;
-    if (zoh) {
-        const cfloat e = cexpf(u);
-        *a_bar = e;
-        *b_bar = (e - 1.0f) / a * b;
-    } else {
-        const cfloat m = 1.0f - 0.5f * u;
-        *a_bar = (1.0f + 0.5f * u) / m;
-        *b_bar = dt * b / m;
-    }
+    const cfloat e = cexpf(u);
+    *a_bar = e;
+    *b_bar = (e - 1.0f) / a * b;
 }
+
+/* exp(a) for any float a (Cephes' expf, as exp_nonpositive; a clamped to [-87, 88], so no
+ * overflow or subnormal result): the vectorizable exp of the bilinear per-mode loops below. */
+static inline float exp_clamped(float a) {
+    a = a < -87.0f ? -87.0f : (a > 88.0f ? 88.0f : a);
+    const int32_t n = (int32_t)floorf(a * 1.44269504088896341f + 0.5f);
+    const float r = a - (float)n * 0.693359375f + (float)n * 2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return (q * r * r + r + 1.0f) * two_n;
+}
+
+/* The bilinear discretization of mode k in real arithmetic (an inlined body for `omp simd`
+ * loops over modes: the complex-typed `ssm_discretize` is scalar code): a_re = Re A = -exp(log_A_re),
+ * 1/m = 1/(1 - ΔA/2) = (im_r, im_i), Ā = (1 + ΔA/2)/m, B̄ = Δ·B/m. */
+#define SSM_BILINEAR_MODE(k)                                                               \
+    const float a_re = -exp_clamped(log_a_re[k]), u_r = dt * a_re, u_i = dt * a_im[k];    \
+    const float m_r = 1.0f - 0.5f * u_r, m_i = -0.5f * u_i;                                \
+    const float inv_d = 1.0f / (m_r * m_r + m_i * m_i);                                    \
+    const float im_r = m_r * inv_d, im_i = -m_i * inv_d;                                   \
+    const float n_r = 1.0f + 0.5f * u_r, n_i = 0.5f * u_i;                                 \
+    const float abar_r = n_r * im_r - n_i * im_i, abar_i = n_r * im_i + n_i * im_r;        \
+    const float b_r = b_pairs[2 * (k)], b_i = b_pairs[2 * (k) + 1];                        \
+    const float c_r = c_pairs[2 * (k)], c_i = c_pairs[2 * (k) + 1];                        \
+    const float bbar_r = dt * (b_r * im_r - b_i * im_i), bbar_i = dt * (b_r * im_i + b_i * im_r)
 
 void rla_ssm_full_kernel(const float *restrict log_dt, const float *restrict log_a_re,
                          const float *restrict a_im, const float *restrict b_pairs,
@@ -910,12 +976,22 @@ void rla_ssm_full_kernel(const float *restrict log_dt, const float *restrict log
         for (int64_t n0 = 0; n0 < modes; n0 += SSM_MODES) {
             const int64_t m = modes - n0 < SSM_MODES ? modes - n0 : SSM_MODES;
             float ar[SSM_MODES], ai[SSM_MODES], zr[SSM_MODES], zi[SSM_MODES];
-            for (int64_t n = 0; n < m; ++n) {
-                const int64_t k = c * modes + n0 + n;
-                cfloat a_bar, b_bar;
-                ssm_discretize((int)zoh, dt, log_a_re[k], a_im[k], B[k], &a_bar, &b_bar);
-                const cfloat z = C[k] * b_bar;
-                ar[n] = crealf(a_bar), ai[n] = cimagf(a_bar), zr[n] = crealf(z), zi[n] = cimagf(z);
+            if (zoh) {
+                for (int64_t n = 0; n < m; ++n) {
+                    const int64_t k = c * modes + n0 + n;
+                    cfloat a_bar, b_bar;
+                    ssm_discretize_zoh(dt, log_a_re[k], a_im[k], B[k], &a_bar, &b_bar);
+                    const cfloat z = C[k] * b_bar;
+                    ar[n] = crealf(a_bar), ai[n] = cimagf(a_bar), zr[n] = crealf(z), zi[n] = cimagf(z);
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t n = 0; n < m; ++n) {
+                    const int64_t k = c * modes + n0 + n;
+                    SSM_BILINEAR_MODE(k);
+                    ar[n] = abar_r, ai[n] = abar_i;
+                    zr[n] = c_r * bbar_r - c_i * bbar_i, zi[n] = c_r * bbar_i + c_i * bbar_r;
+                }
             }
             for (int64_t l = 0; l < len; ++l) {
                 float acc = 0.0f;
@@ -954,13 +1030,23 @@ void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *res
             float s0r[SSM_MODES] = {0}, s0i[SSM_MODES] = {0}, s1r[SSM_MODES] = {0},
                   s1i[SSM_MODES] = {0};
             cfloat b_bar[SSM_MODES];
-            for (int64_t n = 0; n < m; ++n) {
-                const int64_t k = c * modes + n0 + n;
-                cfloat a_bar;
-                ssm_discretize((int)zoh, dt, log_a_re[k], a_im[k], B[k], &a_bar, &b_bar[n]);
-                ar[n] = crealf(a_bar), ai[n] = cimagf(a_bar);
-                pr[n] = 1.0f, pi[n] = 0.0f;  /* P = Ā^l */
+            if (zoh) {
+                for (int64_t n = 0; n < m; ++n) {
+                    const int64_t k = c * modes + n0 + n;
+                    cfloat a_bar;
+                    ssm_discretize_zoh(dt, log_a_re[k], a_im[k], B[k], &a_bar, &b_bar[n]);
+                    ar[n] = crealf(a_bar), ai[n] = cimagf(a_bar);
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t n = 0; n < m; ++n) {
+                    const int64_t k = c * modes + n0 + n;
+                    SSM_BILINEAR_MODE(k);
+                    (void)c_r, (void)c_i, (void)bbar_r, (void)bbar_i;
+                    ar[n] = abar_r, ai[n] = abar_i;
+                }
             }
+            for (int64_t n = 0; n < m; ++n) pr[n] = 1.0f, pi[n] = 0.0f;  /* P = Ā^l */
             /* s0 = Σ_l 2 dK_l P_l,  s1 = Σ_{l≥1} 2 dK_l l P_(l-1) */
             for (int64_t l = 0; l < len; ++l) {
                 const float g = 2.0f * dk[l], gn = l + 1 < len ? 2.0f * dk[l + 1] * (float)(l + 1) : 0.0f;
@@ -975,6 +1061,41 @@ void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *res
                     pr[n] = r;
                 }
             }
+            if (!zoh) {
+                /* Bilinear, m = 1 - u/2: Ā = (1 + u/2)/m, dĀ/du = 1/m², B̄ = Δ B/m; in real
+                 * arithmetic (vectorized):
+                 * g_CB = conj(s0), g_Ā = conj(C B̄ s1), g_B̄ = conj(C) g_CB, dC = conj(B̄) g_CB,
+                 * g_u = conj(1/m²) g_Ā + conj(Δ B/(2m²)) g_B̄, dB = conj(Δ/m) g_B̄,
+                 * g_Δ += Re(g_u conj(A)) + Re(g_B̄ conj(B/m)), g_A = Δ g_u. */
+                float g_dt_modes = 0.0f;
+                #pragma omp simd reduction(+:g_dt_modes)
+                for (int64_t n = 0; n < m; ++n) {
+                    const int64_t k = c * modes + n0 + n;
+                    SSM_BILINEAR_MODE(k);
+                    (void)abar_r, (void)abar_i;
+                    const float cb_r = c_r * bbar_r - c_i * bbar_i, cb_i = c_r * bbar_i + c_i * bbar_r;
+                    const float gcb_r = s0r[n], gcb_i = -s0i[n];
+                    const float ga_r = cb_r * s1r[n] - cb_i * s1i[n];
+                    const float ga_i = -(cb_r * s1i[n] + cb_i * s1r[n]);
+                    const float gb_r = c_r * gcb_r + c_i * gcb_i, gb_i = c_r * gcb_i - c_i * gcb_r;
+                    dc_pairs[2 * k] = bbar_r * gcb_r + bbar_i * gcb_i;
+                    dc_pairs[2 * k + 1] = bbar_r * gcb_i - bbar_i * gcb_r;
+                    const float im2_r = im_r * im_r - im_i * im_i, im2_i = 2.0f * im_r * im_i;
+                    const float hb_r = 0.5f * dt * (b_r * im2_r - b_i * im2_i);  /* ΔB/(2m²) */
+                    const float hb_i = 0.5f * dt * (b_r * im2_i + b_i * im2_r);
+                    const float gu_r = im2_r * ga_r + im2_i * ga_i + hb_r * gb_r + hb_i * gb_i;
+                    const float gu_i = im2_r * ga_i - im2_i * ga_r + hb_r * gb_i - hb_i * gb_r;
+                    const float dm_r = dt * im_r, dm_i = dt * im_i;  /* Δ/m */
+                    db_pairs[2 * k] = dm_r * gb_r + dm_i * gb_i;
+                    db_pairs[2 * k + 1] = dm_r * gb_i - dm_i * gb_r;
+                    const float bm_r = b_r * im_r - b_i * im_i, bm_i = b_r * im_i + b_i * im_r;
+                    g_dt_modes += gu_r * a_re + gu_i * a_im[k] + gb_r * bm_r + gb_i * bm_i;
+                    d_log_a_re[k] = dt * gu_r * a_re;
+                    d_a_im[k] = dt * gu_i;
+                }
+                g_dt += g_dt_modes;
+                continue;
+            }
             for (int64_t n = 0; n < m; ++n) {
                 const int64_t k = c * modes + n0 + n;
                 const cfloat a = -expf(log_a_re[k]) + I * a_im[k], u = dt * a;
@@ -983,21 +1104,12 @@ void rla_ssm_full_kernel_backward(const float *restrict log_dt, const float *res
                 const cfloat g_abar = conjf(cb * (s1r[n] + I * s1i[n]));
                 const cfloat g_bbar = conjf(C[k]) * g_cb;
                 dC[k] = conjf(b_bar[n]) * g_cb;
-                cfloat g_u, g_a_explicit = 0.0f;
-                if (zoh) {
-                    const cfloat e = cexpf(u);
-                    g_u = conjf(e) * g_abar + conjf(e * B[k] / a) * g_bbar;
-                    g_a_explicit = conjf(-(e - 1.0f) * B[k] / (a * a)) * g_bbar;
-                    dB[k] = conjf((e - 1.0f) / a) * g_bbar;
-                    g_dt += crealf(g_u * conjf(a));
-                } else {
-                    const cfloat mm = 1.0f - 0.5f * u;
-                    /* Ā = (1 + u/2)/(1 - u/2): dĀ/du = 1/(1 - u/2)²; B̄ = Δ B/(1 - u/2) */
-                    g_u = conjf(1.0f / (mm * mm)) * g_abar
-                        + conjf(0.5f * dt * B[k] / (mm * mm)) * g_bbar;
-                    dB[k] = conjf(dt / mm) * g_bbar;
-                    g_dt += crealf(g_u * conjf(a)) + crealf(g_bbar * conjf(B[k] / mm));
-                }
+                /* ZOH: Ā = e = exp(u), B̄ = (e - 1)/A · B */
+                const cfloat e = cexpf(u);
+                const cfloat g_u = conjf(e) * g_abar + conjf(e * B[k] / a) * g_bbar;
+                const cfloat g_a_explicit = conjf(-(e - 1.0f) * B[k] / (a * a)) * g_bbar;
+                dB[k] = conjf((e - 1.0f) / a) * g_bbar;
+                g_dt += crealf(g_u * conjf(a));
                 const cfloat g_a = dt * g_u + g_a_explicit;
                 d_log_a_re[k] = crealf(g_a) * -expf(log_a_re[k]);
                 d_a_im[k] = cimagf(g_a);

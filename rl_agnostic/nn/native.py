@@ -180,6 +180,8 @@ def kernels() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.rla_sum_squares.argtypes = [ctypes.c_void_p, ctypes.c_void_p, _I64]
+    lib.rla_sum_squares.restype = ctypes.c_double
     lib.rla_set_flush_denormal.argtypes = [ctypes.c_int]
     lib.rla_set_flush_denormal.restype = ctypes.c_int
     return lib

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups: actor, critic and the S4 state-space parameters.
+"""Optimizer parameter groups (actor, critic and the S4 state-space parameters), and the
+gradient-norm clip folded into the optimizer step.
 
 The S4 state-space parameters (Δ, A, B of every `S4DKernel`, named in
 ``S4DKernel.SSM_PARAMETERS``) get their own learning rate and no weight decay, as in the S4
@@ -9,9 +10,14 @@ everything else is the actor.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import ctypes
+import math
+from collections.abc import Sequence
 
+import torch
+from torch import Tensor, nn
+
+from rl_agnostic.nn.native import kernels
 from rl_agnostic.nn.s4 import S4DKernel
 
 CRITIC_PREFIXES = ("critic", "value")
@@ -76,3 +82,65 @@ def make_optimizer(
     """`adam` over `param_groups` of ``model``."""
     return adam(param_groups(model, actor_lr, critic_lr, ssm_lr, weight_decay), fused,
                 **adam_kwargs)
+
+
+def grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    """The global L2 norm of ``grads`` (a 0-dim float32 tensor; NaN or inf if any element is).
+
+    CPU float32 contiguous tensors are summed in one parallel pass by the compiled kernel
+    (`rla_sum_squares`): torch's foreach norm has no CPU kernel and runs one op per tensor,
+    ~200 per step of the agnostic network. Elsewhere torch's per-tensor norms."""
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return torch.zeros(())
+    lib = kernels()
+    if lib is not None and all(g.device.type == "cpu" and g.dtype == torch.float32
+                               and g.is_contiguous() for g in grads):
+        ptrs = (ctypes.c_void_p * len(grads))(*(g.data_ptr() for g in grads))
+        sizes = (ctypes.c_int64 * len(grads))(*(g.numel() for g in grads))
+        return torch.tensor(math.sqrt(lib.rla_sum_squares(ptrs, sizes, len(grads))))
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def clip_divisor(total_norm: Tensor, max_norm: float) -> Tensor:
+    """What the gradients are divided by to clip them to ``max_norm`` as
+    `torch.nn.utils.clip_grad_norm_` does (which multiplies by max_norm / (norm + 1e-6) when that
+    is below 1): max(1, (norm + 1e-6) / max_norm)."""
+    return torch.clamp((total_norm.float() + 1e-6) / max_norm, min=1.0)
+
+
+def takes_grad_divisor(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch's fused Adam/AdamW, whose kernel divides each gradient by
+    ``optimizer.grad_scale`` (the AMP hook) as it reads it, and writes the divided gradient back."""
+    return (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def step_with_divided_grads(optimizer: torch.optim.Optimizer, divisor: Tensor) -> None:
+    """``optimizer.step()`` on its gradients divided by ``divisor``: inside fused Adam's kernel
+    (no separate pass over the gradients), else by an in-place foreach divide first."""
+    if takes_grad_divisor(optimizer):
+        grads_device = next((p.device for g in optimizer.param_groups for p in g["params"]),
+                            divisor.device)
+        optimizer.grad_scale = divisor.to(grads_device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, divisor.to(grads[0].device))
+    optimizer.step()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+    """``clip_grad_norm_(params, max_norm)`` then ``optimizer.step()`` over the optimizer's
+    parameters, in two passes over the gradients instead of three and without an op per tensor
+    on CPU (`grad_norm`, `step_with_divided_grads`); the same update up to float rounding.
+    Returns the gradients' total norm before clipping."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    total = grad_norm(grads)
+    step_with_divided_grads(optimizer, clip_divisor(total, max_norm))
+    return total

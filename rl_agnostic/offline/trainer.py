@@ -164,7 +164,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
     from rl_agnostic.nn.native import flush_denormals
-    from rl_agnostic.nn.optim import adam
+    from rl_agnostic.nn.optim import adam, clipped_step
     from rl_agnostic.offline.iql import IQLNetworks
 
     # Ray Train logs every report with its whole metrics dict at INFO: keep the progress lines.
@@ -247,12 +247,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             total.backward()
         if distributed:  # sum: each dataset's loss is already divided by its holders
             all_reduce_gradients(params, mean=False)
-        if i.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, i.max_grad_norm, foreach=True)
         if i.actor_cosine_schedule:
             actor_group["lr"] = i.actor_lr * 0.5 * (1 + math.cos(math.pi * (step - 1)
                                                                     / cfg.run.steps))
-        optimizer.step()
+        if i.max_grad_norm:
+            clipped_step(optimizer, i.max_grad_norm)
+        else:
+            optimizer.step()
         nets.update_target(i.polyak_tau)
         sums["data_s"] += t_data
         sums["step_s"] += time.perf_counter() - t0
