@@ -24,7 +24,7 @@
 #include <omp.h>
 #endif
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 static inline uint32_t mix32(uint32_t x) {
@@ -514,6 +514,13 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
  *
  * keep of element i (< 2³² elements) = mix(mix(i ^ k0) ^ k1) >= threshold; threshold 0 = no dropout
  * (every element kept, no hashing). Forward saves x̂ and rstd for backward. */
+/* Orders this thread's non-temporal stores before whatever it does next (x86: sfence). */
+static inline void streaming_stores_done(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_sfence();
+#endif
+}
+
 /* One row; always inlined, so that the dispatch below compiles it with h (and glu) constants for
  * the common widths (fully unrolled: the per-row loop overhead is what a 64-wide row costs most). */
 static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
@@ -522,15 +529,16 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
         float *restrict sr, float *restrict rstd, int64_t h, int glu, float eps, uint32_t base,
         uint32_t k0, uint32_t k1, uint32_t threshold, float scale) {
     float sum = 0.0f;
+    float s[h];  /* x + dropout(z): x̂ is written once, at the end (see below) */
     /* Two copies of the loop, so that neither tests zb per element (that stopped gcc from
      * vectorizing it: 4.7x slower at h = 256 with dropout). */
 #define LN_SUM_LOOP(Z, GATE)                                                                  \
     _Pragma("omp simd reduction(+:sum)")                                                      \
     for (int64_t c = 0; c < h; ++c) {                                                         \
         const float z = glu ? (Z) * sigmoid(GATE) : (Z);                                      \
-        sr[c] = xr[c] + (threshold ? z * keep_at(base + (uint32_t)c, k0, k1, threshold, scale) \
-                                   : z);                                                      \
-        sum += sr[c];                                                                         \
+        s[c] = xr[c] + (threshold ? z * keep_at(base + (uint32_t)c, k0, k1, threshold, scale)  \
+                                  : z);                                                       \
+        sum += s[c];                                                                          \
     }
     if (zb) {
         LN_SUM_LOOP(zr[c] + zb[c], zr[h + c] + zb[h + c])
@@ -542,25 +550,55 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
     float var = 0.0f;
     #pragma omp simd reduction(+:var)
     for (int64_t c = 0; c < h; ++c) {
-        const float d = sr[c] - mean;
+        const float d = s[c] - mean;
         var += d * d;
     }
     const float rs = 1.0f / sqrtf(var / (float)h + eps);
     *rstd = rs;
+    /* x̂ is only read again by the backward pass, long after: non-temporal (streaming) stores
+     * write it to memory without first reading its cache lines and without evicting what the
+     * next product reads (y). Needs 64-byte aligned rows (torch's CPU allocator aligns to 64). */
+#if defined(__AVX512F__)
+    if (h % 16 == 0 && ((uintptr_t)sr & 63) == 0) {
+        const __m512 vmean = _mm512_set1_ps(mean), vrs = _mm512_set1_ps(rs);
+        for (int64_t c = 0; c < h; c += 16) {
+            const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vmean), vrs);
+            _mm512_stream_ps(sr + c, n);
+            _mm512_storeu_ps(yr + c, _mm512_fmadd_ps(n, _mm512_loadu_ps(gamma + c),
+                                                     _mm512_loadu_ps(beta + c)));
+        }
+        return;
+    }
+#elif defined(__AVX__) && defined(__FMA__)
+    if (h % 8 == 0 && ((uintptr_t)sr & 31) == 0) {
+        const __m256 vmean = _mm256_set1_ps(mean), vrs = _mm256_set1_ps(rs);
+        for (int64_t c = 0; c < h; c += 8) {
+            const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + c), vmean), vrs);
+            _mm256_stream_ps(sr + c, n);
+            _mm256_storeu_ps(yr + c, _mm256_fmadd_ps(n, _mm256_loadu_ps(gamma + c),
+                                                     _mm256_loadu_ps(beta + c)));
+        }
+        return;
+    }
+#endif
     #pragma omp simd
     for (int64_t c = 0; c < h; ++c) {
-        const float n = (sr[c] - mean) * rs;
+        const float n = (s[c] - mean) * rs;
         sr[c] = n;
         yr[c] = n * gamma[c] + beta[c];
     }
 }
 
 #define LN_ROWS(width, glu)                                                                \
-    _Pragma("omp parallel for schedule(static) if (rows * h >= KEEP_BLOCK)")               \
-    for (int64_t r = 0; r < rows; ++r)                                                     \
-        add_dropout_layernorm_row(x + r * h, z + r * h * ((glu) + 1), zb, gamma, beta,     \
-                                  y + r * h, xhat + r * h, rstd + r, (width), (glu), eps,  \
-                                  (uint32_t)(r * h), k0, k1, threshold, scale)
+    _Pragma("omp parallel if (rows * h >= KEEP_BLOCK)")                                    \
+    {                                                                                      \
+        _Pragma("omp for schedule(static)")                                                \
+        for (int64_t r = 0; r < rows; ++r)                                                 \
+            add_dropout_layernorm_row(x + r * h, z + r * h * ((glu) + 1), zb, gamma, beta, \
+                                      y + r * h, xhat + r * h, rstd + r, (width), (glu),   \
+                                      eps, (uint32_t)(r * h), k0, k1, threshold, scale);   \
+        streaming_stores_done();                                                           \
+    }
 
 /* ROWS(width, arg) with width a compile-time constant for the common h (d_model 32/64/128/256). */
 #define WIDTH_DISPATCH(ROWS, arg)                                                          \
