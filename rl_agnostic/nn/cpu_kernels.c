@@ -557,30 +557,25 @@ static inline __attribute__((always_inline)) void add_dropout_layernorm_row(
     *rstd = rs;
     /* x̂ is only read again by the backward pass, long after: non-temporal (streaming) stores
      * write it to memory without first reading its cache lines and without evicting what the
-     * next product reads (y). Needs 64-byte aligned rows (torch's CPU allocator aligns to 64). */
+     * next product reads (y). Needs rows aligned to the vector (torch's CPU allocator aligns
+     * to 64 bytes); other rows take the plain loop. */
+#define LN_NORMALIZE_STREAMING(VEC, PRE)                                                   \
+    if (h % (int64_t)(sizeof(VEC) / 4) == 0 && ((uintptr_t)sr & (sizeof(VEC) - 1)) == 0) {  \
+        const VEC vmean = PRE##_set1_ps(mean), vrs = PRE##_set1_ps(rs);                    \
+        for (int64_t c = 0; c < h; c += (int64_t)(sizeof(VEC) / 4)) {                      \
+            const VEC n = PRE##_mul_ps(PRE##_sub_ps(PRE##_loadu_ps(s + c), vmean), vrs);   \
+            PRE##_stream_ps(sr + c, n);                                                    \
+            PRE##_storeu_ps(yr + c, PRE##_fmadd_ps(n, PRE##_loadu_ps(gamma + c),           \
+                                                   PRE##_loadu_ps(beta + c)));             \
+        }                                                                                  \
+        return;                                                                            \
+    }
 #if defined(__AVX512F__)
-    if (h % 16 == 0 && ((uintptr_t)sr & 63) == 0) {
-        const __m512 vmean = _mm512_set1_ps(mean), vrs = _mm512_set1_ps(rs);
-        for (int64_t c = 0; c < h; c += 16) {
-            const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vmean), vrs);
-            _mm512_stream_ps(sr + c, n);
-            _mm512_storeu_ps(yr + c, _mm512_fmadd_ps(n, _mm512_loadu_ps(gamma + c),
-                                                     _mm512_loadu_ps(beta + c)));
-        }
-        return;
-    }
+    LN_NORMALIZE_STREAMING(__m512, _mm512)
 #elif defined(__AVX__) && defined(__FMA__)
-    if (h % 8 == 0 && ((uintptr_t)sr & 31) == 0) {
-        const __m256 vmean = _mm256_set1_ps(mean), vrs = _mm256_set1_ps(rs);
-        for (int64_t c = 0; c < h; c += 8) {
-            const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + c), vmean), vrs);
-            _mm256_stream_ps(sr + c, n);
-            _mm256_storeu_ps(yr + c, _mm256_fmadd_ps(n, _mm256_loadu_ps(gamma + c),
-                                                     _mm256_loadu_ps(beta + c)));
-        }
-        return;
-    }
+    LN_NORMALIZE_STREAMING(__m256, _mm256)
 #endif
+#undef LN_NORMALIZE_STREAMING
     #pragma omp simd
     for (int64_t c = 0; c < h; ++c) {
         const float n = (s[c] - mean) * rs;
