@@ -117,6 +117,11 @@ def takes_grad_divisor(optimizer: torch.optim.Optimizer) -> bool:
             and all(group.get("fused") for group in optimizer.param_groups))
 
 
+def optimizer_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients of ``optimizer``'s parameters that have one."""
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
 def step_with_divided_grads(optimizer: torch.optim.Optimizer, divisor: Tensor) -> None:
     """``optimizer.step()`` on its gradients divided by ``divisor``: inside fused Adam's kernel
     (no separate pass over the gradients), else by an in-place foreach divide first."""
@@ -129,7 +134,7 @@ def step_with_divided_grads(optimizer: torch.optim.Optimizer, divisor: Tensor) -
         finally:
             del optimizer.grad_scale
         return
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = optimizer_grads(optimizer)
     if grads:
         torch._foreach_div_(grads, divisor.to(grads[0].device))
     optimizer.step()
@@ -140,7 +145,6 @@ def clipped_step(optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
     parameters, in two passes over the gradients instead of three and without an op per tensor
     on CPU (`grad_norm`, `step_with_divided_grads`); the same update up to float rounding.
     Returns the gradients' total norm before clipping."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    total = grad_norm(grads)
+    total = grad_norm(optimizer_grads(optimizer))
     step_with_divided_grads(optimizer, clip_divisor(total, max_norm))
     return total

@@ -42,7 +42,13 @@ from ray.rllib.utils.metrics import (
 
 from rl_agnostic.distributed import all_reduce_gradients, broadcast_from_rank0
 from rl_agnostic.nn.native import flush_denormals
-from rl_agnostic.nn.optim import clip_divisor, grad_norm, make_optimizer, step_with_divided_grads
+from rl_agnostic.nn.optim import (
+    clip_divisor,
+    grad_norm,
+    make_optimizer,
+    optimizer_grads,
+    step_with_divided_grads,
+)
 from rl_agnostic.online.gae import PerEnvGeneralAdvantageEstimation
 from rl_agnostic.online.normalize import PerEnvRewardScaler
 
@@ -143,9 +149,7 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
                       for module_id, names in self._module_optimizers.items() for name in names]
         if not divisors or any(optimizer not in divisors for optimizer in optimizers):
             for optimizer, divisor in divisors.items():  # clip as RLlib's path would have
-                grads = [p.grad for g in optimizer.param_groups for p in g["params"]
-                         if p.grad is not None]
-                torch._foreach_div_(grads, divisor)
+                torch._foreach_div_(optimizer_grads(optimizer), divisor)
             return super().apply_gradients(gradients_dict)
         for ref, grad in gradients_dict.items():
             self._params[ref].grad = grad
