@@ -36,11 +36,9 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-/* exp(a) for a ≤ 0 (Cephes' expf; 0 below -87, including -inf; NaN stays NaN). */
-static inline float exp_nonpositive(float a) {
-    a = a < -88.0f ? -88.0f : a;  /* keeps the polynomial below finite */
-    int32_t n = (int32_t)(a * 1.44269504088896341f - 0.5f);  /* round(a / ln 2) */
-    n = n < -126 ? -126 : n;  /* 2^n stays a normal float; a < -87 gives 0 below */
+/* Cephes' expf polynomial: e^a = e^r · 2^n with n = round(a / ln 2) given, r = a - n ln 2
+ * (relative error ~1e-7), for a whose 2^n is a normal float. */
+static inline float exp_reduced(float a, int32_t n) {
     const float r = a - (float)n * 0.693359375f + (float)n * 2.12194440e-4f;
     float q = 1.9875691500e-4f;
     q = q * r + 1.3981999507e-3f;
@@ -51,7 +49,15 @@ static inline float exp_nonpositive(float a) {
     const uint32_t bits = (uint32_t)(n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);  /* 2^n */
-    return (q * r * r + r + 1.0f) * two_n * (float)(a >= -87.0f);
+    return (q * r * r + r + 1.0f) * two_n;
+}
+
+/* exp(a) for a ≤ 0 (0 below -87, including -inf; NaN stays NaN). */
+static inline float exp_nonpositive(float a) {
+    a = a < -88.0f ? -88.0f : a;  /* keeps the polynomial below finite */
+    int32_t n = (int32_t)(a * 1.44269504088896341f - 0.5f);  /* round(a / ln 2) */
+    n = n < -126 ? -126 : n;  /* 2^n stays a normal float; a < -87 gives 0 below */
+    return exp_reduced(a, n) * (float)(a >= -87.0f);
 }
 
 /* exp(-x²/2), shared by Φ and φ. */
@@ -964,22 +970,11 @@ static inline void ssm_discretize_zoh(float dt, float log_a_re, float a_im, cflo
     *b_bar = (e - 1.0f) / a * b;
 }
 
-/* exp(a) for any float a (Cephes' expf, as exp_nonpositive; a clamped to [-87, 88], so no
- * overflow or subnormal result): the vectorizable exp of the bilinear per-mode loops below. */
+/* exp(a) for any float a, clamped to [-87, 88] (no overflow or subnormal result): the
+ * vectorizable exp of the bilinear per-mode loops below. */
 static inline float exp_clamped(float a) {
     a = a < -87.0f ? -87.0f : (a > 88.0f ? 88.0f : a);
-    const int32_t n = (int32_t)floorf(a * 1.44269504088896341f + 0.5f);
-    const float r = a - (float)n * 0.693359375f + (float)n * 2.12194440e-4f;
-    float q = 1.9875691500e-4f;
-    q = q * r + 1.3981999507e-3f;
-    q = q * r + 8.3334519073e-3f;
-    q = q * r + 4.1665795894e-2f;
-    q = q * r + 1.6666665459e-1f;
-    q = q * r + 5.0000001201e-1f;
-    const uint32_t bits = (uint32_t)(n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return (q * r * r + r + 1.0f) * two_n;
+    return exp_reduced(a, (int32_t)floorf(a * 1.44269504088896341f + 0.5f));
 }
 
 /* The bilinear discretization of mode k in real arithmetic (an inlined body for `omp simd`
