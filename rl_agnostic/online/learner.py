@@ -65,6 +65,9 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
     def build(self) -> None:
         super().build()
         flush_denormals()  # this process's training threads (see rl_agnostic.nn.native)
+        # Per optimizer, the clip divisor `postprocess_gradients_for_module` leaves for
+        # `apply_gradients` (see the module docstring).
+        self._grad_divisors: dict[torch.optim.Optimizer, torch.Tensor] = {}
         pipeline = self._learner_connector
         present = {type(c) for c in pipeline.connectors} if pipeline is not None else set()
         if GeneralAdvantageEstimation not in present:  # the default pieces are switched off
@@ -125,7 +128,7 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
 
     def postprocess_gradients_for_module(self, *, module_id, config=None,
                                          module_gradients_dict):
-        divisors = self.__dict__.setdefault("_grad_divisors", {})
+        divisors = self._grad_divisors
         for _, optimizer in self.get_optimizers_for_module(module_id):
             divisors.pop(optimizer, None)  # none left from an update that did not finish
         if (not module_gradients_dict or config.grad_clip is None
@@ -144,7 +147,7 @@ class SharedNetworkPPOLearner(PPOTorchLearner):
         return dict(module_gradients_dict)
 
     def apply_gradients(self, gradients_dict) -> None:
-        divisors, self._grad_divisors = getattr(self, "_grad_divisors", {}), {}
+        divisors, self._grad_divisors = self._grad_divisors, {}
         optimizers = [self.get_optimizer(module_id, name)
                       for module_id, names in self._module_optimizers.items() for name in names]
         if not divisors or any(optimizer not in divisors for optimizer in optimizers):
