@@ -41,6 +41,9 @@ records, which are kept (config.yaml, metrics.jsonl) under
     python benchmarks/transfer_init.py                      # seed 0: pretrain ~10 min + ~11 min per variant
     python benchmarks/transfer_init.py --pretrained DIR     # reuse an agnostic-s4 pretrain run
     python benchmarks/transfer_init.py --report-only        # tables and plot from the records
+    python benchmarks/transfer_init.py --env-steps 100000 --variants plain specific+plain scratch \
+        --baselines scratch specific+plain --out results/transfer_init/budget-100k
+                                                            # the same starts at another budget
 """
 
 from __future__ import annotations
@@ -94,11 +97,15 @@ def agent_of(variant: str) -> str:
     return "specific" if variant.startswith("specific+") else "agnostic"
 
 
-def variant_config(seed: int, variant: str, work: Path) -> dict:
+def variant_config(seed: int, variant: str, work: Path, env_steps: int | None = None) -> dict:
+    """The committed transfer run's config with the variant's changes (and, given ``env_steps``,
+    that budget per new env instead of the experiment's)."""
     cfg = yaml.safe_load((committed_run(seed, "transfer", AGENTS[agent_of(variant)][1])
                           / "config.yaml").read_text())
     cfg["name"] = variant
     cfg["run"]["output_dir"] = str(work / "transfer")
+    if env_steps is not None:
+        cfg["run"]["env_steps_per_env"] = env_steps
     for section, values in VARIANTS[variant].items():
         cfg[section] = {**cfg[section], **values}
     return cfg
@@ -117,7 +124,7 @@ def pretrain(seed: int, work: Path, agent: str = "agnostic") -> Path:
 
 def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: Path,
                  rerun_plain: bool, out: Path = OUT,
-                 pretrained_specific: Path | None = None) -> None:
+                 pretrained_specific: Path | None = None, env_steps: int | None = None) -> None:
     from rl_agnostic.online.config import TrainConfig
     from rl_agnostic.online.trainer import train
 
@@ -130,7 +137,7 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
             print(f"{variant}: run record exists in {dest}, skipped")
             continue
         dest.mkdir(parents=True, exist_ok=True)
-        if variant == "plain" and not rerun_plain:
+        if variant == "plain" and not rerun_plain and env_steps is None:
             src = committed_run(seed, "transfer", "agnostic-s4_transfer")
             _copy_record(src, dest)
             print(f"plain: the committed transfer run {src} (deterministic for a seed)")
@@ -138,7 +145,7 @@ def run_variants(seed: int, variants: list[str], pretrained: Path | None, work: 
         if pretrained_by_agent.get(agent) is None and variant not in SCRATCH:
             pretrained_by_agent[agent] = pretrain(seed, work, agent)
         start = None if variant in SCRATCH else str(pretrained_by_agent[agent])
-        cfg = TrainConfig.from_dict(variant_config(seed, variant, work), source=variant)
+        cfg = TrainConfig.from_dict(variant_config(seed, variant, work, env_steps), source=variant)
         t0 = time.perf_counter()
         train(cfg, init_from=start)
         _copy_record(work / "transfer" / cfg.name, dest)
@@ -154,9 +161,10 @@ def _copy_record(run: Path, dest: Path) -> None:
 
 
 def collect(variants: list[str], out: Path = OUT,
-            baselines: list[str] | tuple[str, ...] = BASELINE_VARIANTS) -> dict:
+            baselines: list[str] | tuple[str, ...] = BASELINE_VARIANTS,
+            compared: dict[str, str] = COMPARED) -> dict:
     """Scores of every variant on every seed with a run record, and of the compared runs (the
-    committed ones and the ``baselines`` variants)."""
+    ``compared`` committed ones and the ``baselines`` variants)."""
     exp = json.loads((EXPERIMENT / "results.json").read_text())
     phase = exp["phases"]["transfer"]
     envs, ref, rand = phase["envs"], phase["reference"], exp["random"]
@@ -165,7 +173,7 @@ def collect(variants: list[str], out: Path = OUT,
     for seed in seeds:
         for v in variants:
             paths.setdefault(v, {})[seed] = out / "runs" / f"seed{seed}" / v / "metrics.jsonl"
-        for label, name in COMPARED.items():
+        for label, name in compared.items():
             paths.setdefault(label, {})[seed] = \
                 committed_run(seed, "transfer", name) / "metrics.jsonl"
     runs: dict[str, dict[int, dict]] = {}  # label → seed → env → final, auc
@@ -190,7 +198,7 @@ def collect(variants: list[str], out: Path = OUT,
         rows[label] = {"seeds": own, **{e: {
             "final": final[e], "auc": auc[e], "finals": [by_seed[s][e]["final"] for s in own],
             "normalized_final": normalize(final[e], rand[e], ref.get(e))} for e in envs}}
-    against = [label for label in [*COMPARED, *baselines] if label in runs]
+    against = [label for label in [*compared, *baselines] if label in runs]
     for v in variants:
         if v not in runs or v in baselines:
             continue
@@ -206,7 +214,9 @@ def collect(variants: list[str], out: Path = OUT,
                 "per_seed": [sum(runs[v][s][e]["final"] >= runs[label][s][e]["final"]
                                  for e in envs) for s in common]}
     means = {label: _mean([r[e]["normalized_final"] for e in envs]) for label, r in rows.items()}
-    return {"seeds": seeds, "envs": envs, "random": {e: rand[e] for e in envs},
+    budgets = {yaml.safe_load((p.parent / "config.yaml").read_text())["run"]["env_steps_per_env"]
+               for by_seed in paths.values() for p in by_seed.values() if p.is_file()}
+    return {"seeds": seeds, "env_steps_per_env": sorted(budgets), "compared": list(compared), "envs": envs, "random": {e: rand[e] for e in envs},
             "reference": ref, "rows": rows, "wins": wins, "normalized_final_mean": means,
             "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows},
             "baselines": [b for b in baselines if b in rows]}
@@ -233,11 +243,13 @@ def write_markdown(res: dict, path: Path, note: str = "") -> None:
     head = "| env | " + " | ".join(names) + " |\n|---|" + "---|" * len(labels)
     lines = [
         "# Agnostic transfer: how the weights start (mix_to_mix, cpu scale)", "",
-        "25k env steps per new env. The agnostic S4 agent's `mix_to_mix` pretraining (the "
+        f"{' / '.join(f'{b:,}' for b in res['env_steps_per_env'])} env steps per new env. The "
+        "agnostic S4 agent's `mix_to_mix` pretraining (the "
         "committed config of each seed, re-run: pretraining and transfer are deterministic for a "
         "seed on one CPU), then the transfer phase with each start; `specific+…` does the same "
-        "with the specific agent's pretraining and transfer; the specific-transfer and "
-        "agnostic-scratch columns are `mix_to_mix`'s committed runs. Variants: "
+        "with the specific agent's pretraining and transfer"
+        + ("; the specific-transfer and agnostic-scratch columns are `mix_to_mix`'s committed "
+           "runs" if res["compared"] else "") + ". Variants: "
         + "; ".join(f"`{v}` {json.dumps(o) if o else _plain_description(v)}"
                     for v, o in res["variants"].items()) + "." + (f" {note}" if note else ""), "",
         ("Final normalized score (final = mean training return over the last 10 % of iterations, "
@@ -252,7 +264,7 @@ def write_markdown(res: dict, path: Path, note: str = "") -> None:
     lines += ["", "Mean return over all iterations (area under the learning curve):", "", head]
     for e in envs:
         lines.append(f"| {e} | " + " | ".join(_f(rows[lab][e]["auc"]) for lab in labels) + " |")
-    against = [a for a in [*COMPARED, *res["baselines"]] if a in rows]
+    against = [a for a in [*res["compared"], *res["baselines"]] if a in rows]
     lines += ["", ("New envs (of 8) where the variant's final return is ≥ the compared run's, on "
               "the mean over the seeds both have (per seed in brackets):"), "",
               "| variant | seeds | " + " | ".join(against) + " |",
@@ -282,7 +294,8 @@ def plot(res: dict, path: Path) -> None:
                 if by_seed[seed][e]:
                     x, y = zip(*by_seed[seed][e])
                     ax.plot(x, y, color=colors[i % len(colors)], lw=1.0,
-                            ls="--" if label in COMPARED or label in res["baselines"] else "-",
+                            ls="--" if label in res["compared"] or label in res["baselines"]
+                            else "-",
                             alpha=1.0 if k == 0 else 0.5, label=label if k == 0 else None)
         ax.axhline(res["random"][e], color="grey", ls=":", label="random")
         ax.set_title(e, fontsize=10)
@@ -315,11 +328,16 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=BASELINE_VARIANTS, choices=list(VARIANTS),
                         help="variants the others are compared with (columns, not ranked rows)")
     parser.add_argument("--note", default="", help="a sentence added to the report's introduction")
+    parser.add_argument("--env-steps", type=int,
+                        help="env steps per new env for every trained variant, instead of the "
+                             "experiment's; the experiment's committed runs (another budget) are "
+                             "then not compared: use --out for a separate report")
     args = parser.parse_args()
     if not args.report_only:
         run_variants(args.seed, args.variants, args.pretrained, args.work.absolute(),
-                     args.rerun_plain, args.out, args.pretrained_specific)
-    res = collect(args.variants, args.out, args.baselines)
+                     args.rerun_plain, args.out, args.pretrained_specific, args.env_steps)
+    res = collect(args.variants, args.out, args.baselines,
+                  COMPARED if args.env_steps is None else {})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, args.out / "results.md", args.note)

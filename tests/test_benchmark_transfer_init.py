@@ -103,3 +103,32 @@ def test_redraw_variants_are_the_experiments_own_runs(tmp_path):
         assert ours == theirs, variant
     assert "scratch" in transfer_init.SCRATCH and "specific+plain" not in transfer_init.SCRATCH
     assert transfer_init.agent_of("specific+plain") == "specific"
+
+
+def test_env_steps_sets_every_trained_variants_budget_and_drops_the_committed_comparisons(tmp_path):
+    """``--env-steps``: the variant configs carry that budget, and the report compares only the
+    runs made at it (the experiment's committed runs, at its own budget, are left out)."""
+    import shutil
+
+    import yaml
+
+    transfer_init = load_benchmark()
+    for variant in ("plain", "specific+plain", "scratch"):
+        cfg = transfer_init.variant_config(0, variant, tmp_path, env_steps=100_000)
+        assert cfg["run"]["env_steps_per_env"] == 100_000, variant
+    assert transfer_init.variant_config(0, "plain", tmp_path)["run"]["env_steps_per_env"] == 25_000
+
+    record = tmp_path / "out" / "runs" / "seed0" / "plain"
+    record.mkdir(parents=True)
+    committed = transfer_init.committed_run(0, "transfer", "agnostic-s4_transfer")
+    shutil.copy(committed / "metrics.jsonl", record / "metrics.jsonl")
+    cfg = yaml.safe_load((committed / "config.yaml").read_text())
+    cfg["run"]["env_steps_per_env"] = 100_000
+    (record / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = transfer_init.collect(["plain"], tmp_path / "out", baselines=[], compared={})
+    assert list(res["rows"]) == ["plain"] and res["compared"] == []
+    assert res["env_steps_per_env"] == [100_000]
+    assert res["wins"]["plain"] == {"seeds": [0]}
+    transfer_init.write_markdown(res, tmp_path / "out" / "results.md")
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert text.count("100,000 env steps per new env") == 1 and "committed runs" not in text
