@@ -18,11 +18,15 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_agnostic.nn.config import NetworkConfig
-from rl_agnostic.nn.dropout import add_dropout_layernorm
+from rl_agnostic.nn.dropout import (
+    add_dropout_layernorm,
+    fuses_bias,
+    gelu_dropout,
+    linear_leaving_bias,
+)
 from rl_agnostic.nn.s4 import S4Layer
 from rl_agnostic.nn.transformer import TransformerLayer
 
@@ -196,7 +200,9 @@ class ResidualBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        # With the compiled kernels, fc1's bias is added by the GELU kernel (see dropout.py).
+        u, u_bias = linear_leaving_bias(self.fc1, self.norm(x), fuses_bias(x, 0.0))
+        return x + self.fc2(gelu_dropout(u, 0.0, self.training, bias=u_bias))
 
 
 class ResidualMLP(nn.Module):
