@@ -10,6 +10,7 @@ from rl_agnostic.nn import AgnosticActorCritic, EnvSpec, NetworkConfig
 from rl_agnostic.nn.dropout import softmax_dropout
 from rl_agnostic.nn.native import kernels
 from rl_agnostic.nn.transformer import (
+    NATIVE_ATTENTION_MAX_LEN,
     TransformerLayer,
     _LongSingleHeadAttention,
     _native_attention,
@@ -62,6 +63,40 @@ def test_transformer_layer_training_step_equals_torch_reference(length):
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(layer.linear2.weight.grad, ref.linear2.weight.grad,
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C compiler")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("length", [9, 40])
+def test_fused_training_layer_equals_the_layer_op_by_op(monkeypatch, p, masked, length):
+    """The training layer as one autograd node (`_NativeTransformerLayer`; with the attention
+    kernel at length 9, with `_LongSingleHeadAttention`'s products at 40) gives the op-by-op
+    path's output and every gradient (input and parameters) with the same dropout masks."""
+    if length > NATIVE_ATTENTION_MAX_LEN and p == 0.0:
+        pytest.skip("without dropout long sequences take scaled_dot_product_attention, unfused")
+    layer = TransformerLayer(32, 1, 48, dropout=p).train()
+    randomize_norms(layer)
+    with torch.no_grad():
+        for linear in (layer.in_proj, layer.out_proj, layer.linear1, layer.linear2):
+            linear.bias.normal_()
+    x0, grad = torch.randn(6, length, 32), torch.randn(6, length, 32)
+    valid = torch.rand(6, length) > 0.3 if masked else None
+    if valid is not None:
+        valid[:, 0] = True
+    results = []
+    for fused in (True, False):  # the layer's own choice, then op by op
+        if not fused:
+            monkeypatch.setattr(TransformerLayer, "_fuses_layer", lambda self, x, p, native: False)
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        y = layer(x, valid)
+        assert (y.grad_fn.name() == "_NativeTransformerLayerBackward") == fused
+        y.backward(grad)
+        results.append([y, x.grad, *(q.grad for q in layer.parameters())])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(kernels() is None, reason="no C compiler")

@@ -807,19 +807,29 @@ static inline __attribute__((always_inline)) void small_matmul(
     }
 }
 
+/* Batch row b's (len, 3h) block of Q,K,V = xw + bias: with a bias, written into this thread's
+ * scratch block, so that xw (the product just made) is only read. Writing the sum back into xw
+ * made its cache lines dirty a second time: one more pass of the (B, L, 3H) tensor to memory. */
+static inline __attribute__((always_inline)) const float *qkv_block(
+        const float *restrict xw, const float *restrict bias, float *restrict scratch,
+        int64_t b, int64_t len, int64_t row) {
+    const float *src = xw + b * len * row;
+    if (!bias) return src;
+    for (int64_t i = 0; i < len; ++i) {
+        #pragma omp simd
+        for (int64_t c = 0; c < row; ++c) scratch[i * row + c] = src[i * row + c] + bias[c];
+    }
+    return scratch;
+}
+
 /* One batch row of the forward; inlined with h a constant for the common widths (see below). */
 static inline __attribute__((always_inline)) void attention_row(
-        float *restrict qkv, const float *restrict bias, const uint8_t *restrict valid,
-        float *restrict out, float *restrict weights, int64_t b, int64_t len, int64_t h,
-        float scale, uint32_t k0, uint32_t k1, uint32_t threshold, float keep_scale) {
+        const float *restrict xw, const float *restrict bias, float *restrict scratch,
+        const uint8_t *restrict valid, float *restrict out, float *restrict weights, int64_t b,
+        int64_t len, int64_t h, float scale, uint32_t k0, uint32_t k1, uint32_t threshold,
+        float keep_scale) {
     const int64_t row = 3 * h;
-    float *base = qkv + b * len * row;
-    if (bias) {
-        for (int64_t i = 0; i < len; ++i) {
-            #pragma omp simd
-            for (int64_t c = 0; c < row; ++c) base[i * row + c] += bias[c];
-        }
-    }
+    const float *base = qkv_block(xw, bias, scratch, b, len, row);
     const uint8_t *vb = valid ? valid + b * len : NULL;
     float kept[ATTN_MAX_LEN * ATTN_MAX_LEN];  /* w_ij keep_ij */
     for (int64_t i = 0; i < len; ++i) {
@@ -846,36 +856,47 @@ static inline __attribute__((always_inline)) void attention_row(
     small_matmul(kept, len, 1, len, len, base + 2 * h, row, out + b * len * h, h, h, 0);
 }
 
-/* Runs ROW(b, width) for every batch row, with width a constant for the common h. */
-#define BATCH_ROWS(width, ROW)                                                             \
-    do {                                                                                   \
-        _Pragma("omp parallel for schedule(static) if (work)")                             \
-        for (int64_t b = 0; b < batch; ++b) {                                              \
-            ROW(b, width);                                                                 \
-        }                                                                                  \
-    } while (0)
-#define FOR_EACH_BATCH_ROW(ROW) WIDTH_DISPATCH(BATCH_ROWS, ROW)
+/* Runs ROW(b, width) for the batch rows [b0, b1), with width a constant for the common h. */
+#define BATCH_RANGE(width, ROW)                                                            \
+    for (int64_t b = b0; b < b1; ++b) {                                                    \
+        ROW(b, width);                                                                     \
+    }
 
-void rla_attention(float *restrict qkv, const float *restrict bias,
+/* Threads for the batch rows: at most ``slots``, the scratch blocks (len, 3h) the caller gave. */
+static int attention_team(int64_t batch, int64_t len, int64_t h, int64_t slots) {
+    const int threads = team_size(batch, batch * len * len * h > CONV_PARALLEL_WORK);
+    return threads > slots ? (int)(slots > 0 ? slots : 1) : threads;
+}
+
+/* Attention on the packed projection xw (B, L, 3H) plus bias (3H; NULL: none), which xw is not
+ * changed by; scratch: ``slots`` blocks of (L, 3H) floats (unused without a bias). */
+void rla_attention(const float *restrict xw, const float *restrict bias,
                    const uint8_t *restrict valid, float *restrict out, float *restrict weights,
-                   int64_t batch, int64_t len, int64_t h, float scale, uint64_t seed,
-                   uint32_t threshold, float keep_scale) {
+                   float *restrict scratch, int64_t slots, int64_t batch, int64_t len, int64_t h,
+                   float scale, uint64_t seed, uint32_t threshold, float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    const int work = batch * len * len * h > CONV_PARALLEL_WORK;
-    (void)work;  /* read only by the OpenMP pragma */
+    const int threads = attention_team(batch, len, h, slots);
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t, n;
+        thread_id(&t, &n);
+        float *own = bias ? scratch + t * len * 3 * h : NULL;
+        const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
 #define ATTENTION_ROW(b, width) \
-    attention_row(qkv, bias, valid, out, weights, (b), len, (width), scale, k0, k1, threshold, \
-                  keep_scale)
-    FOR_EACH_BATCH_ROW(ATTENTION_ROW)
+        attention_row(xw, bias, own, valid, out, weights, (b), len, (width), scale, k0, k1, \
+                      threshold, keep_scale)
+        WIDTH_DISPATCH(BATCH_RANGE, ATTENTION_ROW)
 #undef ATTENTION_ROW
+    }
 }
 
 static inline __attribute__((always_inline)) void attention_backward_row(
-        const float *restrict qkv, const float *restrict weights, const float *restrict dout,
-        float *restrict dqkv, int64_t b, int64_t len, int64_t h, float scale, uint32_t k0,
-        uint32_t k1, uint32_t threshold, float keep_scale) {
+        const float *restrict xw, const float *restrict bias, float *restrict scratch,
+        const float *restrict weights, const float *restrict dout, float *restrict dqkv,
+        int64_t b, int64_t len, int64_t h, float scale, uint32_t k0, uint32_t k1,
+        uint32_t threshold, float keep_scale) {
     const int64_t row = 3 * h;
-    const float *base = qkv + b * len * row, *da = dout + b * len * h;
+    const float *base = qkv_block(xw, bias, scratch, b, len, row), *da = dout + b * len * h;
     const float *wb = weights + b * len * len;
     float *dbase = dqkv + b * len * row;
     float kept[ATTN_MAX_LEN * ATTN_MAX_LEN], ds[ATTN_MAX_LEN * ATTN_MAX_LEN];
@@ -900,32 +921,29 @@ static inline __attribute__((always_inline)) void attention_backward_row(
     small_matmul(kept, 1, len, len, len, da, h, dbase + 2 * h, row, h, 0);
 }
 
-/* Runs ROW(b, width) for the batch rows [b0, b1), with width a constant for the common h. */
-#define BATCH_RANGE(width, ROW)                                                            \
-    for (int64_t b = b0; b < b1; ++b) {                                                    \
-        ROW(b, width);                                                                     \
-    }
-
-/* dbias (3H) may be NULL; threads take contiguous ranges of batch rows and sum it in their own
- * buffers, added in thread order. */
-void rla_attention_backward(const float *restrict qkv, const float *restrict weights,
-                            const float *restrict dout, float *restrict dqkv,
-                            float *restrict dbias, int64_t batch, int64_t len, int64_t h,
-                            float scale, uint64_t seed, uint32_t threshold, float keep_scale) {
+/* The gradient of xw from the forward's inputs (xw, bias, scratch as `rla_attention`). dbias (3H)
+ * may be NULL; threads take contiguous ranges of batch rows and sum it in their own buffers,
+ * added in thread order. */
+void rla_attention_backward(const float *restrict xw, const float *restrict bias,
+                            const float *restrict weights, const float *restrict dout,
+                            float *restrict dqkv, float *restrict dbias, float *restrict scratch,
+                            int64_t slots, int64_t batch, int64_t len, int64_t h, float scale,
+                            uint64_t seed, uint32_t threshold, float keep_scale) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     const int64_t row = 3 * h;
-    int threads = team_size(batch, batch * len * len * h > CONV_PARALLEL_WORK);
+    int threads = attention_team(batch, len, h, slots);
     float *partial = dbias ? partials_alloc(dbias, row, &threads) : NULL;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t, n;
         thread_id(&t, &n);
         float *db = dbias ? partial_of(dbias, partial, t, row) : NULL;
+        float *own = bias ? scratch + t * len * row : NULL;
         const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
 #define ATTENTION_BACKWARD_ROW(b, width)                                                   \
         do {                                                                               \
-            attention_backward_row(qkv, weights, dout, dqkv, (b), len, (width), scale, k0, \
-                                   k1, threshold, keep_scale);                             \
+            attention_backward_row(xw, bias, own, weights, dout, dqkv, (b), len, (width),  \
+                                   scale, k0, k1, threshold, keep_scale);                  \
             if (db) {                                                                      \
                 const float *blk = dqkv + (b) * len * row;                                 \
                 for (int64_t i = 0; i < len; ++i) {                                        \

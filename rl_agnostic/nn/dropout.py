@@ -84,14 +84,21 @@ class _NativeBiasGeluDropout(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, bias = ctx.saved_tensors
-        cols = bias.numel()
-        dx = torch.empty_like(x)
-        dbias = torch.empty_like(bias) if ctx.needs_input_grad[1] else None
-        kernels().rla_bias_gelu_dropout_backward(
-            grad.contiguous().data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(),
-            None if dbias is None else dbias.data_ptr(), x.numel() // cols, cols,
-            *mask_args(ctx.seed, ctx.p))
-        return dx, dbias, None
+        return (*_bias_gelu_dropout_backward(grad.contiguous(), x, bias, ctx.seed, ctx.p,
+                                             ctx.needs_input_grad[1]), None)
+
+
+def _bias_gelu_dropout_backward(grad: Tensor, x: Tensor, bias: Tensor, seed: int, p: float,
+                                need_bias: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The backward kernel on contiguous grad, x: (dx, dbias or None)."""
+    cols = bias.numel()
+    dx = torch.empty_like(x)
+    dbias = torch.empty_like(bias) if need_bias else None
+    kernels().rla_bias_gelu_dropout_backward(
+        grad.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(),
+        None if dbias is None else dbias.data_ptr(), x.numel() // cols, cols,
+        *mask_args(seed, p))
+    return dx, dbias
 
 
 def _bias_gelu_dropout(x: Tensor, bias: Tensor, seed: int, p: float) -> Tensor:
@@ -235,24 +242,34 @@ class _NativeAddDropoutLayerNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         xhat, rstd, weight, z, z_bias = ctx.saved_tensors
-        grad = grad.contiguous()
         need_x, need_z, need_zb, need_w, need_b = ctx.needs_input_grad[:5]
-        dx = torch.empty_like(xhat)
-        need_z = need_z or need_zb  # the bias gradient is summed from dz
-        dz = (torch.empty_like(z) if ctx.glu else torch.empty_like(xhat)) if need_z else None
-        dzb = torch.empty_like(z_bias) if need_zb else None
-        dw = torch.empty_like(weight) if need_w or need_b else None
-        db = torch.empty_like(weight) if need_w or need_b else None
-        h = xhat.shape[-1]
-        kernels().rla_add_dropout_layernorm_backward(
-            grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(),
-            None if z is None else z.data_ptr(), None if z_bias is None else z_bias.data_ptr(),
-            dx.data_ptr(), None if dz is None else dz.data_ptr(),
-            None if dzb is None else dzb.data_ptr(), None if dw is None else dw.data_ptr(),
-            None if db is None else db.data_ptr(), xhat.numel() // h, h, int(ctx.glu),
-            *mask_args(ctx.seed, ctx.p))
-        return (dx if need_x else None, dz if ctx.needs_input_grad[1] else None, dzb,
+        dx, dz, dzb, dw, db = _add_dropout_layernorm_backward(
+            grad.contiguous(), xhat, rstd, weight, z, z_bias, ctx.seed, ctx.p, ctx.glu,
+            need_z or need_zb, need_zb, need_w or need_b)  # the bias gradient is summed from dz
+        return (dx if need_x else None, dz if need_z else None, dzb,
                 dw if need_w else None, db if need_b else None, None, None, None)
+
+
+def _add_dropout_layernorm_backward(
+        grad: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor, z: Tensor | None,
+        z_bias: Tensor | None, seed: int, p: float, glu: bool, need_z: bool = True,
+        need_z_bias: bool = True, need_affine: bool = True) -> tuple[Tensor | None, ...]:
+    """The backward kernel on contiguous grad: (dx, dz, dz_bias, dweight, dbias), None where not
+    needed. ``z``: the saved product, with ``glu`` only."""
+    dx = torch.empty_like(xhat)
+    dz = (torch.empty_like(z) if glu else torch.empty_like(xhat)) if need_z else None
+    dzb = torch.empty_like(z_bias) if need_z_bias and z_bias is not None else None
+    dw = torch.empty_like(weight) if need_affine else None
+    db = torch.empty_like(weight) if need_affine else None
+    h = xhat.shape[-1]
+    kernels().rla_add_dropout_layernorm_backward(
+        grad.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), weight.data_ptr(),
+        None if z is None else z.data_ptr(), None if z_bias is None else z_bias.data_ptr(),
+        dx.data_ptr(), None if dz is None else dz.data_ptr(),
+        None if dzb is None else dzb.data_ptr(), None if dw is None else dw.data_ptr(),
+        None if db is None else db.data_ptr(), xhat.numel() // h, h, int(glu),
+        *mask_args(seed, p))
+    return dx, dz, dzb, dw, db
 
 
 def add_dropout_layernorm(x: Tensor, z: Tensor, norm: nn.LayerNorm, p: float, training: bool,

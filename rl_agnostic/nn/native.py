@@ -65,9 +65,9 @@ _SIGNATURES = {
     # arrays, rows, features, glu (0/1), (eps), mask
     "rla_add_dropout_layernorm": [*[_F32P] * 8, _I64, _I64, _I64, ctypes.c_float, *_MASK],
     "rla_add_dropout_layernorm_backward": [*[_F32P] * 11, _I64, _I64, _I64, *_MASK],
-    # arrays, batch, length, channels, scale, mask
-    "rla_attention": [*[_F32P] * 5, _I64, _I64, _I64, ctypes.c_float, *_MASK],
-    "rla_attention_backward": [*[_F32P] * 5, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    # arrays, scratch blocks, batch, length, channels, scale, mask
+    "rla_attention": [*[_F32P] * 6, _I64, _I64, _I64, _I64, ctypes.c_float, *_MASK],
+    "rla_attention_backward": [*[_F32P] * 7, _I64, _I64, _I64, _I64, ctypes.c_float, *_MASK],
     # arrays, rows, row length, score scale, mask
     "rla_softmax_dropout": [*[_F32P] * 3, _I64, _I64, ctypes.c_float, *_MASK],
     "rla_softmax_dropout_backward": [*[_F32P] * 3, _I64, _I64, ctypes.c_float, *_MASK],
