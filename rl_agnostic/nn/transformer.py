@@ -56,11 +56,10 @@ _ATTENTION_KERNEL_MAX_LEN = 64  # cpu_kernels.c ATTN_MAX_LEN: the kernel's stack
 
 
 def _scratch(xw: Tensor, bias: Tensor | None) -> tuple[Tensor | None, int]:
-    """Per-thread (L, 3H) blocks in which the kernels add the bias to a batch row of xw."""
-    if bias is None:
-        return None, 0
+    """Per-thread (L, 3H) blocks in which the kernels add the bias to a batch row of xw (none
+    without a bias), and their number: the kernels' thread limit."""
     slots = torch.get_num_threads()
-    return xw.new_empty(slots, *xw.shape[1:]), slots
+    return (None if bias is None else xw.new_empty(slots, *xw.shape[1:])), slots
 
 
 def _native_attention(xw: Tensor, bias: Tensor | None, valid: Tensor | None,
