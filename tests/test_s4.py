@@ -439,3 +439,30 @@ def test_shared_operators_skip_the_parameter_backward_on_error():
             raise RuntimeError("boom")
     assert layer._shared is None
     assert layer.kernel.log_dt.grad is None  # the collected operator gradient was not applied
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C compiler")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("length", [7, 40])  # 40: the blocked convolution, accumulating du too
+def test_fused_training_layer_equals_the_layer_op_by_op(monkeypatch, p, length):
+    """The S4 layer's training forward as one autograd node (`_NativeS4Layer`) gives the op-by-op
+    path's output and every gradient (input, state-space and Linear/LayerNorm parameters) with
+    the same dropout masks."""
+    torch.manual_seed(0)
+    layer = randomize_norms(S4Layer(32, 16, dropout=p)).train()
+    with torch.no_grad():
+        layer.output_linear.bias.normal_()
+    x0, grad = torch.randn(5, length, 32), torch.randn(5, length, 32)
+    results = []
+    for fused in (True, False):  # the layer's own choice, then op by op
+        if not fused:
+            monkeypatch.setattr(S4Layer, "_fuses_layer", lambda self, x, operator: False)
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = layer(x)
+        assert (y.grad_fn.name() == "_NativeS4LayerBackward") == fused
+        y.backward(grad)
+        results.append([y, x.grad, *(q.grad for q in layer.parameters())])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -331,7 +331,7 @@ void rla_bias_gelu_dropout_backward(const float *restrict dy, const float *restr
 
 static inline __attribute__((always_inline)) void conv_block(
         const float *restrict u, const float *restrict k, float *restrict y, int64_t stride,
-        int64_t pair, int nb, int64_t i0, int nr, int64_t h, int64_t c0) {
+        int64_t pair, int nb, int64_t i0, int nr, int64_t h, int64_t c0, int accumulate) {
     float acc[2][CONV_ROWS][CONV_BLOCK];
     memset(acc, 0, sizeof acc);
     for (int64_t j = 0; j <= i0; ++j) {  /* every output of the block takes input j */
@@ -348,14 +348,18 @@ static inline __attribute__((always_inline)) void conv_block(
                 for (int c = 0; c < CONV_BLOCK; ++c) acc[bb][r][c] += kr[c] * ur[bb * pair + c];
         }
     for (int bb = 0; bb < nb; ++bb)
-        for (int r = 0; r < nr; ++r)
-            memcpy(y + (i0 + r) * stride + bb * pair + c0, acc[bb][r], sizeof acc[bb][r]);
+        for (int r = 0; r < nr; ++r) {
+            float *yr = y + (i0 + r) * stride + bb * pair + c0;
+            if (accumulate) for (int c = 0; c < CONV_BLOCK; ++c) yr[c] += acc[bb][r][c];
+            else memcpy(yr, acc[bb][r], sizeof acc[bb][r]);
+        }
 }
 
-/* The convolution of batch rows [b0, b1) in blocks; reverse: the anti-causal one (see above). */
+/* The convolution of batch rows [b0, b1) in blocks; reverse: the anti-causal one (see above);
+ * accumulate: added to y instead of written. */
 static void conv_blocked_rows(const float *restrict u, const float *restrict k,
                               float *restrict y, int64_t b0, int64_t b1, int64_t len, int64_t h,
-                              int reverse) {
+                              int reverse, int accumulate) {
     const int64_t stride = reverse ? -h : h, start = reverse ? (len - 1) * h : 0;
     for (int64_t b = b0; b < b1; b += 2) {
         const int nb = b1 - b >= 2 ? 2 : 1;
@@ -365,9 +369,9 @@ static void conv_blocked_rows(const float *restrict u, const float *restrict k,
             const int nr = len - i0 >= CONV_ROWS ? CONV_ROWS : (int)(len - i0);
             for (int64_t c0 = 0; c0 < h; c0 += CONV_BLOCK) {
                 if (nb == 2 && nr == CONV_ROWS)
-                    conv_block(ub, k, yb, stride, len * h, 2, i0, CONV_ROWS, h, c0);
+                    conv_block(ub, k, yb, stride, len * h, 2, i0, CONV_ROWS, h, c0, accumulate);
                 else
-                    conv_block(ub, k, yb, stride, len * h, nb, i0, nr, h, c0);
+                    conv_block(ub, k, yb, stride, len * h, nb, i0, nr, h, c0, accumulate);
             }
         }
     }
@@ -421,7 +425,7 @@ void rla_causal_conv(const float *restrict u, const float *restrict k, float *re
             thread_id(&t, &n);
             const int64_t pairs = (batch + 1) / 2;  /* threads take whole pairs of batch rows */
             const int64_t b0 = 2 * (pairs * t / n), b1 = 2 * (pairs * (t + 1) / n);
-            conv_blocked_rows(u, k, y, b0, b1 < batch ? b1 : batch, len, h, 0);
+            conv_blocked_rows(u, k, y, b0, b1 < batch ? b1 : batch, len, h, 0, 0);
         }
         return;
     }
@@ -448,13 +452,13 @@ void rla_causal_conv(const float *restrict u, const float *restrict k, float *re
     }
 }
 
-/* du and dk (either may be NULL); dk is overwritten. Threads take contiguous ranges of batch
- * rows and sum dk in their own buffer; the buffers are added in thread order (deterministic for a
- * given thread count). */
+/* du and dk (either may be NULL); dk is overwritten, du too unless accumulate (then added to).
+ * Threads take contiguous ranges of batch rows and sum dk in their own buffer; the buffers are
+ * added in thread order (deterministic for a given thread count). */
 static void causal_conv_backward_rows(const float *restrict dy, const float *restrict u,
                                       const float *restrict k, float *restrict du,
                                       float *restrict dk, int64_t b0, int64_t b1, int64_t len,
-                                      int64_t h) {
+                                      int64_t h, int accumulate) {
     for (int64_t b = b0; b < b1; ++b) {
         const float *gb = dy + b * len * h, *ub = u + b * len * h;
         for (int64_t j = 0; j < len; ++j) {  /* j: an input position for du, a lag for dk */
@@ -469,7 +473,11 @@ static void causal_conv_backward_rows(const float *restrict dy, const float *res
                         acc_k[c] += gr[c] * ur[c];
                     }
                 }
-                if (du) memcpy(du + (b * len + j) * h + c0, acc_u, sizeof acc_u);
+                if (du) {
+                    float *dur = du + (b * len + j) * h + c0;
+                    if (accumulate) for (int c = 0; c < CONV_BLOCK; ++c) dur[c] += acc_u[c];
+                    else memcpy(dur, acc_u, sizeof acc_u);
+                }
                 if (dk) for (int c = 0; c < CONV_BLOCK; ++c) dk[j * h + c0 + c] += acc_k[c];
             }
             for (int64_t c = c0; c < h; ++c) {
@@ -478,16 +486,18 @@ static void causal_conv_backward_rows(const float *restrict dy, const float *res
                     acc_u += k[(i - j) * h + c] * gb[i * h + c];
                     acc_k += gb[i * h + c] * ub[(i - j) * h + c];
                 }
-                if (du) du[(b * len + j) * h + c] = acc_u;
+                if (du) du[(b * len + j) * h + c] = accumulate ? du[(b * len + j) * h + c] + acc_u
+                                                               : acc_u;
                 if (dk) dk[j * h + c] += acc_k;
             }
         }
     }
 }
 
+/* accumulate: du is added to (the gradient of u from elsewhere, e.g. a residual), not written. */
 void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
                               const float *restrict k, float *restrict du, float *restrict dk,
-                              int64_t batch, int64_t len, int64_t h) {
+                              int64_t batch, int64_t len, int64_t h, int64_t accumulate) {
     const int64_t size = len * h;
     int threads = team_size(batch, batch * len * len * h > CONV_PARALLEL_WORK);
     float *partial = dk ? partials_alloc(dk, size, &threads) : NULL;
@@ -499,10 +509,10 @@ void rla_causal_conv_backward(const float *restrict dy, const float *restrict u,
         const int64_t b0 = batch * t / n, b1 = batch * (t + 1) / n;
         float *dkt = dk ? partial_of(dk, partial, t, size) : NULL;
         if (blocked) {
-            if (du) conv_blocked_rows(dy, k, du, b0, b1, len, h, 1);
+            if (du) conv_blocked_rows(dy, k, du, b0, b1, len, h, 1, (int)accumulate);
             if (dk) conv_dk_blocked_rows(dy, u, dkt, b0, b1, len, h);
         } else {
-            causal_conv_backward_rows(dy, u, k, du, dkt, b0, b1, len, h);
+            causal_conv_backward_rows(dy, u, k, du, dkt, b0, b1, len, h, (int)accumulate);
         }
     }
     if (dk) partials_reduce(dk, partial, threads, size);

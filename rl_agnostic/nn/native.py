@@ -76,7 +76,7 @@ _SIGNATURES = {
     "rla_ssm_full_kernel_backward": [*[_F32P] * 11, _I64, _I64, _I64, _I64],
     # arrays, batch, length, channels
     "rla_causal_conv": [*[_F32P] * 3, _I64, _I64, _I64],
-    "rla_causal_conv_backward": [*[_F32P] * 5, _I64, _I64, _I64],
+    "rla_causal_conv_backward": [*[_F32P] * 5, _I64, _I64, _I64, _I64],  # + accumulate du
 }
 
 

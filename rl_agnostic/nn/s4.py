@@ -18,7 +18,8 @@ computed once per forward (independent of the batch; once per optimizer step und
 `shared_s4_operators`; reused between parameter updates when acting) — on CPU in float32 with its
 gradients by one compiled loop per channel (Ā^l by recurrence), else by torch ops — and applied
 with an FFT of size ≥ 2L-1, or, for the lengths where it is cheaper (observation vectors on CPU),
-directly: the compiled sum of ``rla_causal_conv`` on the (B, L, H) layout (CPU float32) or an
+directly: the compiled sum of ``rla_causal_conv`` on the (B, L, H) layout (CPU float32; in
+training the whole layer after the operator is then one autograd node, `_NativeS4Layer`) or an
 explicit lower-triangular Toeplitz product. All give the same numbers; ``step``
 runs the same map one position at a time (x_k = Ā x_{k-1} + B̄ u_k) and is what the tests compare
 the convolution with.
@@ -42,10 +43,15 @@ from torch import Tensor, nn
 
 from rl_agnostic.nn.config import Discretization, S4Init
 from rl_agnostic.nn.dropout import (
+    _add_dropout_layernorm,
+    _add_dropout_layernorm_backward,
     add_dropout_layernorm,
+    draw_seed,
     fuses_bias,
     gelu_dropout,
     linear_leaving_bias,
+    mask_args,
+    needs_graph,
     use_native,
 )
 from rl_agnostic.nn.native import kernels
@@ -255,14 +261,65 @@ class _NativeCausalConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         u, kernel_t = ctx.saved_tensors
-        grad = grad.contiguous()
         grad_u = torch.empty_like(u) if ctx.needs_input_grad[0] else None
-        grad_k = torch.empty_like(kernel_t) if ctx.needs_input_grad[1] else None
-        kernels().rla_causal_conv_backward(
-            grad.data_ptr(), u.data_ptr(), kernel_t.data_ptr(),
-            None if grad_u is None else grad_u.data_ptr(),
-            None if grad_k is None else grad_k.data_ptr(), *u.shape)
-        return grad_u, grad_k
+        return grad_u, _native_conv_backward(grad.contiguous(), u, kernel_t, grad_u,
+                                             ctx.needs_input_grad[1])
+
+
+def _native_conv_backward(grad: Tensor, u: Tensor, kernel_t: Tensor, grad_u: Tensor | None,
+                          need_kernel: bool = True, accumulate: bool = False) -> Tensor | None:
+    """``rla_causal_conv_backward``: writes (``accumulate``: adds) u's gradient into ``grad_u``
+    (None: not computed); returns the kernel's gradient (None unless ``need_kernel``)."""
+    grad_k = torch.empty_like(kernel_t) if need_kernel else None
+    kernels().rla_causal_conv_backward(
+        grad.data_ptr(), u.data_ptr(), kernel_t.data_ptr(),
+        None if grad_u is None else grad_u.data_ptr(),
+        None if grad_k is None else grad_k.data_ptr(), *u.shape, int(accumulate))
+    return grad_k
+
+
+class _NativeS4Layer(torch.autograd.Function):
+    """The S4 layer's training forward after its operator (CPU float32, the compiled convolution)
+    as one autograd node: y = K̄ * x, GELU + dropout, the Linear(H→2H) as a plain product, and the
+    residual LayerNorm with the GLU, its bias and dropout (the kernels and masks of the op-by-op
+    path, drawn in the same order). Backward adds the convolution's input gradient into the
+    residual LayerNorm's (the kernel's accumulate mode) instead of autograd summing the two in
+    another pass, and is one Python call instead of three kernel Functions and a product node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel_t: Tensor, p: float, eps: float, weight: Tensor,  # type: ignore[override]
+                bias: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        b, length, h = x.shape
+        x = x.contiguous()
+        y = _native_conv(x, kernel_t)
+        gelu_seed = draw_seed(p)
+        g = torch.empty_like(y)
+        kernels().rla_gelu_dropout(y.data_ptr(), g.data_ptr(), y.numel(),
+                                   *mask_args(gelu_seed, p))
+        g = g.view(-1, h)
+        z = torch.mm(g, weight.t())
+        out, xhat, rstd, ln_seed = _add_dropout_layernorm(x.view(-1, h), z, bias, gamma, beta, p,
+                                                          eps, True)
+        ctx.p, ctx.seeds = p, (gelu_seed, ln_seed)
+        ctx.save_for_backward(x, kernel_t, y, g, z, xhat, rstd, weight, bias, gamma)
+        return out.view(b, length, h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, kernel_t, y, g, z, xhat, rstd, weight, bias, gamma = ctx.saved_tensors
+        p, (gelu_seed, ln_seed) = ctx.p, ctx.seeds
+        h = x.shape[-1]
+        dx, dz, dbias, dgamma, dbeta = _add_dropout_layernorm_backward(
+            grad.contiguous().view(-1, h), xhat, rstd, gamma, z, bias, ln_seed, p, True)
+        dweight = torch.mm(dz.t(), g)
+        dg, dy = torch.mm(dz, weight), torch.empty_like(y)  # dg named: alive during the call
+        kernels().rla_gelu_dropout_backward(dg.data_ptr(), y.data_ptr(), dy.data_ptr(),
+                                            y.numel(), *mask_args(gelu_seed, p))
+        dx = dx.view_as(x)
+        dkernel = _native_conv_backward(dy, x, kernel_t, dx, ctx.needs_input_grad[1],
+                                        accumulate=True)
+        return dx, dkernel, None, None, dweight, dbias, dgamma, dbeta
 
 
 def _toeplitz_bmm(toeplitz: Tensor, u_t: Tensor) -> Tensor:
@@ -342,7 +399,24 @@ class S4Layer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, L, H) → (B, L, H)."""
-        return self._mix(x, apply_conv(x, self.operator(x.shape[1], x.device.type)))
+        operator = self.operator(x.shape[1], x.device.type)
+        if self._fuses_layer(x, operator):
+            return _NativeS4Layer.apply(x, operator, self.dropout, self.norm.eps,
+                                        self.output_linear.weight, self.output_linear.bias,
+                                        self.norm.weight, self.norm.bias)
+        return self._mix(x, apply_conv(x, operator))
+
+    def _fuses_layer(self, x: Tensor, operator: Tensor) -> bool:
+        """Whether training runs as `_NativeS4Layer`: the operator is the compiled convolution's
+        (L, H) float32 kernel, autograd records the layer, the kernels serve x, and the
+        Linear and LayerNorm parameters are trained float32 tensors on x's device."""
+        params = [self.output_linear.weight, self.output_linear.bias, self.norm.weight,
+                  self.norm.bias]
+        return (self.training and operator.dim() == 2 and not operator.is_complex()
+                and operator.dtype == x.dtype and fuses_bias(x, self.dropout)
+                and needs_graph(x, operator, *params) and all(t.requires_grad for t in params)
+                and all(t.dtype == x.dtype and t.device == x.device for t in params)
+                and 2 * x.numel() < 2**32)
 
     def operator(self, length: int, device_type: str) -> Tensor:
         """The convolution operator of K̄ with the skip D folded into lag 0 (y = K̄*u + Du)."""
