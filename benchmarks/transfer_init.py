@@ -236,7 +236,11 @@ def _plain_description(variant: str) -> str:
             else "(every weight copied, the experiment's own settings)")
 
 
-def write_markdown(res: dict, path: Path, note: str = "") -> None:
+REPRODUCE = ("`python benchmarks/transfer_init.py --seed K [--variants ...]` per seed "
+             "(`--report-only` rewrites this from the run records)")
+
+
+def write_markdown(res: dict, path: Path, note: str = "", reproduce: str = REPRODUCE) -> None:
     labels, envs, rows = list(res["rows"]), res["envs"], res["rows"]
     names = [f"{lab} (seed{'s' if len(rows[lab]['seeds']) > 1 else ''} "
              f"{', '.join(map(str, rows[lab]['seeds']))})" for lab in labels]
@@ -273,9 +277,7 @@ def write_markdown(res: dict, path: Path, note: str = "") -> None:
         cells = [f"{w[a]['mean']}/8 ({', '.join(map(str, w[a]['per_seed']))})" if a in w else "–"
                  for a in against]
         lines.append(f"| {v} | {', '.join(map(str, w['seeds']))} | " + " | ".join(cells) + " |")
-    lines += ["", "![learning curves](curves.png)", "",
-              ("Reproduce: `python benchmarks/transfer_init.py --seed K [--variants ...]` per seed "
-              "(`--report-only` rewrites this from the run records).")]
+    lines += ["", "![learning curves](curves.png)", "", f"Reproduce: {reproduce}."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -340,7 +342,13 @@ def main() -> None:
                   COMPARED if args.env_steps is None else {})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, args.out / "results.md", args.note)
+    reproduce = REPRODUCE
+    if args.env_steps is not None:
+        reproduce = (f"`python benchmarks/transfer_init.py --seed K --env-steps {args.env_steps} "
+                     f"--variants {' '.join(args.variants)} --baselines {' '.join(args.baselines)} "
+                     f"--out {args.out}` per seed (add `--report-only` to rewrite this from the "
+                     "run records)")
+    write_markdown(res, args.out / "results.md", args.note, reproduce)
     plot(res, args.out / "curves.png")
     for v, w in res["wins"].items():
         print(f"{v:16s} seeds {w['seeds']}: normalized final mean "
