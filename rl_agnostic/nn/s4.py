@@ -45,12 +45,12 @@ from rl_agnostic.nn.config import Discretization, S4Init
 from rl_agnostic.nn.dropout import (
     _add_dropout_layernorm,
     _add_dropout_layernorm_backward,
+    _run,
     add_dropout_layernorm,
     draw_seed,
     fuses_bias,
     gelu_dropout,
     linear_leaving_bias,
-    mask_args,
     needs_graph,
     use_native,
 )
@@ -293,10 +293,7 @@ class _NativeS4Layer(torch.autograd.Function):
         x = x.contiguous()
         y = _native_conv(x, kernel_t)
         gelu_seed = draw_seed(p)
-        g = torch.empty_like(y)
-        kernels().rla_gelu_dropout(y.data_ptr(), g.data_ptr(), y.numel(),
-                                   *mask_args(gelu_seed, p))
-        g = g.view(-1, h)
+        g = _run("rla_gelu_dropout", torch.empty_like(y), y, seed=gelu_seed, p=p).view(-1, h)
         z = torch.mm(g, weight.t())
         out, xhat, rstd, ln_seed = _add_dropout_layernorm(x.view(-1, h), z, bias, gamma, beta, p,
                                                           eps, True)
@@ -313,9 +310,8 @@ class _NativeS4Layer(torch.autograd.Function):
         dx, dz, dbias, dgamma, dbeta = _add_dropout_layernorm_backward(
             grad.contiguous().view(-1, h), xhat, rstd, gamma, z, bias, ln_seed, p, True)
         dweight = torch.mm(dz.t(), g)
-        dg, dy = torch.mm(dz, weight), torch.empty_like(y)  # dg named: alive during the call
-        kernels().rla_gelu_dropout_backward(dg.data_ptr(), y.data_ptr(), dy.data_ptr(),
-                                            y.numel(), *mask_args(gelu_seed, p))
+        dy = _run("rla_gelu_dropout_backward", torch.empty_like(y), torch.mm(dz, weight).view_as(y),
+                  y, seed=gelu_seed, p=p)
         dx = dx.view_as(x)
         dkernel = _native_conv_backward(dy, x, kernel_t, dx, ctx.needs_input_grad[1],
                                         accumulate=True)
