@@ -216,9 +216,9 @@ def collect(variants: list[str], out: Path = OUT,
     means = {label: _mean([r[e]["normalized_final"] for e in envs]) for label, r in rows.items()}
     budgets = {yaml.safe_load((p.parent / "config.yaml").read_text())["run"]["env_steps_per_env"]
                for by_seed in paths.values() for p in by_seed.values() if p.is_file()}
-    return {"seeds": seeds, "env_steps_per_env": sorted(budgets), "compared": list(compared), "envs": envs, "random": {e: rand[e] for e in envs},
-            "reference": ref, "rows": rows, "wins": wins, "normalized_final_mean": means,
-            "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows},
+    return {"seeds": seeds, "env_steps_per_env": sorted(budgets), "compared": list(compared),
+            "envs": envs, "random": {e: rand[e] for e in envs}, "reference": ref, "rows": rows,
+            "wins": wins, "normalized_final_mean": means, "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows},
             "baselines": [b for b in baselines if b in rows]}
 
 
