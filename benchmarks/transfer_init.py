@@ -218,7 +218,8 @@ def collect(variants: list[str], out: Path = OUT,
                for by_seed in paths.values() for p in by_seed.values() if p.is_file()}
     return {"seeds": seeds, "env_steps_per_env": sorted(budgets), "compared": list(compared),
             "envs": envs, "random": {e: rand[e] for e in envs}, "reference": ref, "rows": rows,
-            "wins": wins, "normalized_final_mean": means, "curves": curves, "variants": {v: VARIANTS[v] for v in variants if v in rows},
+            "wins": wins, "normalized_final_mean": means, "curves": curves,
+            "variants": {v: VARIANTS[v] for v in variants if v in rows},
             "baselines": [b for b in baselines if b in rows]}
 
 
