@@ -313,6 +313,14 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a budget of 0 steps would train nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of env steps, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -331,7 +339,7 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=BASELINE_VARIANTS, choices=list(VARIANTS),
                         help="variants the others are compared with (columns, not ranked rows)")
     parser.add_argument("--note", default="", help="a sentence added to the report's introduction")
-    parser.add_argument("--env-steps", type=int,
+    parser.add_argument("--env-steps", type=positive_int,
                         help="env steps per new env for every trained variant, instead of the "
                              "experiment's; the experiment's committed runs (another budget) are "
                              "then not compared: use --out for a separate report")

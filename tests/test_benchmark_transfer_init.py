@@ -132,3 +132,12 @@ def test_env_steps_sets_every_trained_variants_budget_and_drops_the_committed_co
     transfer_init.write_markdown(res, tmp_path / "out" / "results.md")
     text = (tmp_path / "out" / "results.md").read_text()
     assert text.count("100,000 env steps per new env") == 1 and "committed runs" not in text
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "ten"])
+def test_env_steps_must_be_a_positive_integer_before_any_work(tmp_path, steps):
+    out = subprocess.run([sys.executable, str(BENCH), "--env-steps", steps, "--variants", "plain",
+                          "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--env-steps" in out.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
