@@ -341,8 +341,9 @@ def plot_phase(result: dict, phase: str, path: Path) -> None:
     for ax in axes.ravel()[len(envs):]:
         ax.axis("off")
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
-    fig.suptitle(f"{result['experiment']} — {phase} ({result['scale']} scale, "
-                 f"{len(result['seeds'])} seeds, mean and min–max)")
+    n = len(result["seeds"])
+    over = "1 seed" if n == 1 else f"{n} seeds, mean and min–max"
+    fig.suptitle(f"{result['experiment']} — {phase} ({result['scale']} scale, {over})")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=100)
     plt.close(fig)
