@@ -167,6 +167,14 @@ def needs_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def trains_in_one_node(x: Tensor, params: list[Tensor], *inputs: Tensor) -> bool:
+    """Whether a layer's training step may run as one fused autograd node taking ``params``:
+    autograd records it, and every parameter is trained (the node returns every gradient) and has
+    x's dtype and device."""
+    return (needs_graph(x, *inputs, *params) and all(t.requires_grad for t in params)
+            and all(t.dtype == x.dtype and t.device == x.device for t in params))
+
+
 # Without autograd, tensors below this many elements take torch's path: for an acting batch of 8
 # the Python side of a kernel call (allocations, ctypes arguments) cost more than torch's own op
 # (residual LayerNorm with GLU, 8 x 17 x 64: 74 vs 45 µs).

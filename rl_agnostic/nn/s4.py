@@ -51,7 +51,7 @@ from rl_agnostic.nn.dropout import (
     fuses_bias,
     gelu_dropout,
     linear_leaving_bias,
-    needs_graph,
+    trains_in_one_node,
     use_native,
 )
 from rl_agnostic.nn.native import kernels
@@ -410,9 +410,7 @@ class S4Layer(nn.Module):
                   self.norm.bias]
         return (self.training and operator.dim() == 2 and not operator.is_complex()
                 and operator.dtype == x.dtype and fuses_bias(x, self.dropout)
-                and needs_graph(x, operator, *params) and all(t.requires_grad for t in params)
-                and all(t.dtype == x.dtype and t.device == x.device for t in params)
-                and 2 * x.numel() < 2**32)
+                and trains_in_one_node(x, params, operator) and 2 * x.numel() < 2**32)
 
     def operator(self, length: int, device_type: str) -> Tensor:
         """The convolution operator of K̄ with the skip D folded into lag 0 (y = K̄*u + Du)."""

@@ -42,6 +42,7 @@ from rl_agnostic.nn.dropout import (
     softmax_dropout,
     softmax_dropout_backward,
     softmax_dropout_forward,
+    trains_in_one_node,
     use_native,
 )
 from rl_agnostic.nn.native import kernels
@@ -304,9 +305,7 @@ class TransformerLayer(nn.Module):
         b, length, h = x.shape
         if not (native or (self.n_heads == 1 and p > 0.0 and b * length * length < 2**32)):
             return False
-        params = list(self.parameters())
-        return (needs_graph(x, *params) and all(t.requires_grad for t in params)
-                and all(t.dtype == x.dtype and t.device == x.device for t in params)
+        return (trains_in_one_node(x, list(self.parameters()))
                 and b * length * max(3 * h, self.linear1.out_features) < 2**32)
 
     def _attention_with_dropout(self, qkv: Tensor, p: float, valid: Tensor | None) -> Tensor:
