@@ -157,6 +157,21 @@ def test_primary_check_counts_envs_per_other_column():
     assert "single-env" not in check
 
 
+def test_primary_check_of_a_phase_without_transfer_includes_the_reference():
+    exp = load_experiment("mix16", "tiny")
+
+    def entry(x):
+        return {"final": {"return_mean_std": (x, 0.0)}}
+
+    scores = {"single-env": {"A": entry(9), "B": entry(1)},
+              "agnostic-s4": {"A": entry(5), "B": entry(1)}}
+    check = _primary_check(exp, scores, ["A", "B"], transfer=False)
+    assert check["primary"] == "agnostic-s4"
+    assert check["versus"] == {"single-env": {"per_env": {"A": False, "B": True}, "count": 1,
+                                              "of": 2}}
+    assert _primary_check(exp, scores, ["A", "B"]) == {}  # no transfer column
+
+
 @pytest.fixture(scope="module")
 def shared_ray():
     """One local Ray for the module's experiments (each would otherwise start and stop its

@@ -172,9 +172,9 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         if phase.init_from:
             result["phases"][phase.name]["parameters_all_envs"] = _parameters_all_envs(
                 exp, runs, phase)
-            if exp.primary:
-                result["phases"][phase.name]["primary_check"] = _primary_check(
-                    exp, scores, env_ids)
+        if exp.primary:
+            result["phases"][phase.name]["primary_check"] = _primary_check(
+                exp, scores, env_ids, transfer=bool(phase.init_from))
     result["wall_s_per_seed"] = dict(seed_wall)
     return result
 
@@ -205,14 +205,18 @@ def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, i
     return counts
 
 
-def _primary_check(exp: Experiment, scores: dict, env_ids: list[str]) -> dict[str, Any]:
-    """Per env: is the primary agent's transfer final score ≥ each other column's?"""
-    primary = f"{exp.primary} (transfer)"
+def _primary_check(exp: Experiment, scores: dict, env_ids: list[str],
+                   transfer: bool = True) -> dict[str, Any]:
+    """Per env: is the primary agent's final score ≥ each other column's? In a transfer phase
+    the primary's transfer run against the other multi-env columns (the issue's comparison); in
+    a phase trained from scratch its run against every other agent, the reference included
+    (paper Fig. 2: one agent against the single-env agents)."""
+    primary = f"{exp.primary} (transfer)" if transfer else exp.primary
     if primary not in scores:
         return {}
     out: dict[str, Any] = {"primary": primary, "versus": {}}
     for other in scores:
-        if other == primary or other.startswith(exp.reference):
+        if other == primary or (transfer and other.startswith(exp.reference)):
             continue
         wins = {}
         for e in env_ids:
