@@ -114,6 +114,7 @@ scales:
      "did you mean 'num_epochs'"),
     (("single: {model: {kind: single}}", "single: {model: {kind: agnostic}}"),
      "reference must name an agent of model kind 'single'"),
+    (("\nscales:", "\nprimary: agm\nscales:"), "primary 'agm' is not an agent"),
 ])
 def test_bad_experiment_files_fail_before_any_run(tmp_path, change, message):
     assert load_experiment(_write(tmp_path, BASE), "cpu").runs("/tmp/o")
