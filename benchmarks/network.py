@@ -111,8 +111,6 @@ def run_one(d_model: int, env: str, minibatch: int, seconds: float, max_activati
     net = AgnosticActorCritic(cfg, [spec])
     opt = make_optimizer(net)  # paper lrs: actor 3e-4, critic 5e-4; S4 group 1e-3
     obs = torch.randn(minibatch, spec.obs_dim)
-    with torch.no_grad():
-        dist = net.actor(obs[:8], spec)
     actions = (torch.randint(0, spec.action_dim, (minibatch,)) if spec.is_discrete
                else torch.randn(minibatch, spec.action_dim) * 0.3)
     old_logp = torch.randn(minibatch) * 0.1 - 1.0

@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "mix16, classic_to_mujoco, mujoco_to_classic) or an experiment YAML: every "
                     "run of every seed, then results/<name>/results.md, results.json and one "
                     "PNG per phase. Started again, it skips finished runs and resumes the "
-                    "unfinished one.")
+                    "unfinished one; a run another experiment already finished with the same "
+                    "config (e.g. a single-env reference) is copied, not trained again.")
     exp.add_argument("experiment", metavar="NAME|FILE.yaml")
     exp.add_argument("--scale", default="cpu", help="paper | cpu | tiny (default: %(default)s)")
     exp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="results directory (default: results/<name>)")
     exp.add_argument("--report-only", action="store_true",
                      help="rewrite the tables and plots from the finished runs, train nothing")
+    exp.add_argument("--no-reuse-runs", action="store_true",
+                     help="train every run, even one whose config a finished run of another "
+                          "experiment next to --out has (default: copy that run's records)")
     ev = sub.add_parser("evaluate", help="deterministic episodes with a checkpoint's policy")
     ev.add_argument("checkpoint", metavar="CKPT",
                     help="run directory, checkpoint directory, checkpoints/latest or policy.pt")
@@ -452,7 +456,7 @@ def run_experiment_command(args: argparse.Namespace) -> None:
             raise CliError(f"--report-only: {out} holds no experiment results")
         write_report(exp, out)
     else:
-        run_experiment(exp, out)
+        run_experiment(exp, out, reuse_runs=not args.no_reuse_runs)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -241,6 +241,48 @@ def test_restarting_skips_finished_runs_and_shared_runs_are_reused(tiny_results)
     assert (abl / "pretrain.png").is_file() and (abl / "results.md").is_file()
 
 
+def test_a_run_another_experiment_finished_with_the_same_config_is_copied_not_trained(
+        tiny_results):
+    """mix16's tiny runs (single-env CartPole and Pendulum, agnostic on both) are mix_to_mix's
+    tiny pretraining runs under another phase name: next to those results, nothing trains."""
+    out, _, _ = tiny_results
+    lines: list[str] = []
+    result = run_experiment(load_experiment("mix16", "tiny"), out.parent / "mix16",
+                            log=lines.append)
+    assert not result["missing_runs"] and not any(" iter " in line for line in lines)
+    assert sum("reused the records of" in line for line in lines) == 3
+    for name in ("single-env_CartPole-v1", "agnostic-s4"):
+        copy, source = out.parent / f"mix16/runs/train/seed0/{name}", out / f"runs/pretrain/seed0/{name}"
+        done = json.loads((copy / "done.json").read_text())
+        assert done["reused_from"] == f"mix_to_mix/runs/pretrain/seed0/{name}"
+        assert (copy / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
+        assert yaml.safe_load((copy / "config.yaml").read_text())["run"]["output_dir"] == str(
+            copy.parent)
+    assert result["phases"]["train"]["reused_runs"] == 3
+    assert "3 runs" in (out.parent / "mix16/results.md").read_text()
+
+
+def test_only_fresh_runs_that_no_transfer_starts_from_are_reused(tiny_results, tmp_path):
+    from rl_agnostic.experiments.run import _reuse_identical_runs
+
+    out, _, _ = tiny_results
+    shutil.copytree(out / "runs", tmp_path / "mix_to_mix/runs")
+    saved = tmp_path / "mix_to_mix/runs/pretrain/seed0/single-env_CartPole-v1/config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    cfg["ppo"]["num_epochs"] = 3  # another config: not this run
+    saved.write_text(yaml.safe_dump(cfg))
+    exp = load_experiment("mix_to_mix", "tiny")
+    runs = exp.runs(tmp_path / "again")
+    left = _reuse_identical_runs(runs, runs, tmp_path, lambda text: None)
+    assert {(r.phase, r.config.name) for r in left} == {
+        ("pretrain", "single-env_CartPole-v1"),  # its only match has another config
+        # the transfers start from these pretraining runs' checkpoints, which results do not keep
+        ("pretrain", "specific"), ("pretrain", "agnostic-s4"), ("pretrain", "agnostic-bigru"),
+        ("transfer", "specific_transfer"), ("transfer", "agnostic-s4_transfer"),
+        ("transfer", "agnostic-bigru_transfer")}
+    assert (tmp_path / "again/runs/transfer/seed0/agnostic-s4_scratch/done.json").is_file()
+
+
 def test_a_run_directory_with_another_config_is_refused(tiny_results, tmp_path):
     out, _, _ = tiny_results
     copy = tmp_path / "mix_to_mix"

@@ -120,6 +120,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         table: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
         params: dict[str, int] = {}
         wall: dict[str, float] = defaultdict(float)
+        reused: list[float] = []  # wall times of runs whose records another experiment's run made
         for r in by_phase[phase.name]:
             done = run_done(r)
             if done is None:
@@ -127,6 +128,8 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
                 continue
             wall[r.label] += done["wall_s"]
             seed_wall[r.seed] += done["wall_s"]
+            if done.get("reused_from"):
+                reused.append(done["wall_s"])
             if r.seed == exp.seeds[0]:
                 if r.mode == "single":
                     params[r.label] = params.get(r.label, 0) + done["num_parameters"]
@@ -165,7 +168,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         result["phases"][phase.name] = {
             "envs": env_ids, "init_from": phase.init_from, "reference": ref, "labels": labels,
             "scores": scores, "normalized_final_mean": means, "parameters": params,
-            "wall_s": dict(wall),
+            "wall_s": dict(wall), "reused_runs": len(reused), "reused_wall_s": sum(reused),
             "curves": {lab: {e: {s: table[lab][e][s]["curve"] for s in table[lab].get(e, {})}
                              for e in env_ids} for lab in labels},
         }
@@ -296,7 +299,10 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
             lines.append(row)
         walls = ", ".join(f"{lab} {w / 60:.1f}" for lab, w in ph["wall_s"].items())
         total = sum(ph["wall_s"].values()) / 60
-        lines += ["", f"Wall time of this phase: {total:.1f} min ({walls}).", "",
+        reused = (f" It counts {ph['reused_runs']} runs ({ph['reused_wall_s'] / 60:.1f} min) whose "
+                  "records were copied from a finished run of the same config in another "
+                  "experiment (their done.json names it)." if ph.get("reused_runs") else "")
+        lines += ["", f"Wall time of this phase: {total:.1f} min ({walls}).{reused}", "",
                   f"![{name} learning curves]({name}.png)", ""]
     if result["wall_s_per_seed"]:
         lines += [("Wall time per seed, all phases: "

@@ -4,12 +4,16 @@ Each run is an ordinary online run (`rl_agnostic.online.trainer.OnlineTrainer`) 
 ``<out>/runs/<phase>/seed<k>/<run name>/``. A finished run leaves ``done.json`` (wall time,
 parameter count, env steps) and is skipped when the experiment is started again; an unfinished one
 resumes from its latest checkpoint. A transfer run starts from the final checkpoint of the same
-agent's run in the ``init_from`` phase. One local Ray serves every run.
+agent's run in the ``init_from`` phase. A run from fresh weights that another experiment next to
+this one already finished with the same config is copied instead of trained
+(`find_identical_run`). One local Ray serves every run.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import glob
 import json
 import time
 from collections.abc import Callable
@@ -31,13 +35,10 @@ def run_done(run: Run) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_run_dir(run: Run) -> None:
-    """A run directory from an earlier start (to skip or resume, possibly another experiment's
-    sharing it) must hold the same config: otherwise its results would be reported as this run's."""
-    path = run_dir(run.config) / "config.yaml"
-    if not path.is_file():
-        return
-    saved = yaml.safe_load(path.read_text())
+def _comparable(saved: dict, run: Run) -> tuple[dict, dict]:
+    """(saved config as today's code reads it, ``run``'s config), both without output_dir: equal
+    when the saved run is this run."""
+    saved = copy.deepcopy(saved)
     wanted = run.config.to_dict()
     # a run saved before a run setting existed (``transfer_shrink``) ran with its default
     if isinstance(saved.get("run"), dict):
@@ -55,6 +56,16 @@ def check_run_dir(run: Run) -> None:
         if run.config.model.kind != "agnostic":  # only the agnostic encoder reads it
             model["network"].pop("encoder_position", None)
             wanted["model"]["network"].pop("encoder_position", None)
+    return saved, wanted
+
+
+def check_run_dir(run: Run) -> None:
+    """A run directory from an earlier start (to skip or resume, possibly another experiment's
+    sharing it) must hold the same config: otherwise its results would be reported as this run's."""
+    path = run_dir(run.config) / "config.yaml"
+    if not path.is_file():
+        return
+    saved, wanted = _comparable(yaml.safe_load(path.read_text()), run)
     if saved != wanted:
         diff = sorted(f"{section}.{k}" for section in wanted
                       if isinstance(wanted[section], dict) and isinstance(saved.get(section), dict)
@@ -63,6 +74,49 @@ def check_run_dir(run: Run) -> None:
         raise ConfigError(
             f"{path.parent} holds a run with a different config ({', '.join(diff) or 'envs/name'}"
             "); remove that directory or give the experiment another --out")
+
+
+def find_identical_run(run: Run, search_root: Path) -> Path | None:
+    """A finished run directory under ``search_root`` (another experiment's, e.g. mix16's
+    single-env CartPole run for mujoco_to_classic's) whose config is ``run``'s, or None. Only
+    for runs that start from fresh weights: a run of the same config and seed trains the same
+    on the same machine (its records came out identical), so training it again adds nothing."""
+    if run.init_from is not None:
+        return None
+    own = run_dir(run.config).absolute()
+    for done in sorted(search_root.glob(f"**/{glob.escape(run.config.name)}/{DONE_FILE}")):
+        directory = done.parent.absolute()
+        if directory == own or not (directory / "metrics.jsonl").is_file():
+            continue
+        try:
+            saved = yaml.safe_load((directory / "config.yaml").read_text())
+            finished = json.loads(done.read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if not isinstance(saved, dict) or finished.get("init_from") is not None:
+            continue
+        try:
+            saved, wanted = _comparable(saved, run)
+        except (ConfigError, TypeError, AttributeError):  # a config today's code cannot read
+            continue
+        if saved == wanted:
+            return directory
+    return None
+
+
+def reuse_run(run: Run, source: Path, search_root: Path) -> dict:
+    """Make ``run`` finished with ``source``'s records (metrics and done.json, which then names
+    its source); returns the new done.json."""
+    directory = run_dir(run.config)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "config.yaml",
+                      yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+    atomic_write_text(directory / "metrics.jsonl", (source / "metrics.jsonl").read_text())
+    done = json.loads((source / DONE_FILE).read_text())
+    done["reused_from"] = str(source.relative_to(search_root.absolute())
+                              if source.is_relative_to(search_root.absolute()) else source)
+    atomic_write_text(directory / DONE_FILE, json.dumps(done, indent=2))
+    return done
 
 
 def execute_run(run: Run, log: Callable[[str], None]) -> dict:
@@ -90,9 +144,32 @@ def execute_run(run: Run, log: Callable[[str], None]) -> dict:
     return done
 
 
+def _reuse_identical_runs(runs: list[Run], todo: list[Run], search_root: Path,
+                          say: Callable[[str], None]) -> list[Run]:
+    """``todo`` without the runs that `reuse_run` made finished."""
+    # a parent's checkpoint is not reused (results keep no checkpoints), so a parent trains
+    parents = {run_dir(r.init_from.config).absolute() for r in runs if r.init_from}
+    left = []
+    for run in todo:
+        directory = run_dir(run.config).absolute()
+        source = (None if directory in parents or latest_checkpoint(directory) is not None
+                  else find_identical_run(run, search_root))
+        if source is None:
+            left.append(run)
+            continue
+        reuse_run(run, source, search_root)
+        say(f"[{run.phase} seed{run.seed} {run.config.name}] reused the records of "
+            f"{source}: a finished run of the same config")
+    return left
+
+
 def run_experiment(exp: Experiment, out_dir: str | Path, *,
-                   log: Callable[[str], None] | None = None) -> dict:
-    """Run every unfinished run of ``exp``, then write the report; returns the report's summary."""
+                   log: Callable[[str], None] | None = None, reuse_runs: bool = True) -> dict:
+    """Run every unfinished run of ``exp``, then write the report; returns the report's summary.
+
+    ``reuse_runs``: a run that starts from fresh weights, has no checkpoint yet and initializes no
+    other run takes the records of a finished run of the same config under ``out_dir``'s parent
+    (other experiments' results, `find_identical_run`) instead of training."""
     import ray
 
     from rl_agnostic.experiments.report import measure_random_scores, write_report
@@ -106,6 +183,8 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
     todo = [r for r in runs if run_done(r) is None]
     say(f"experiment {exp.name} ({exp.scale} scale): {len(runs)} runs over seeds "
         f"{list(exp.seeds)}, {len(runs) - len(todo)} already done; results in {out}")
+    if reuse_runs:
+        todo = _reuse_identical_runs(runs, todo, out.parent, say)
     measure_random_scores(exp, out, say)
     started_ray = not ray.is_initialized()
     t_start = time.perf_counter()
