@@ -77,14 +77,17 @@ def check_run_dir(run: Run) -> None:
 
 
 def find_identical_run(run: Run, search_root: Path) -> Path | None:
-    """A finished run directory under ``search_root`` (another experiment's, e.g. mix16's
+    """A finished run directory of another experiment in ``search_root`` (e.g. mix16's
     single-env CartPole run for mujoco_to_classic's) whose config is ``run``'s, or None. Only
     for runs that start from fresh weights: a run of the same config and seed trains the same
     on the same machine (its records came out identical), so training it again adds nothing."""
     if run.init_from is not None:
         return None
     own = run_dir(run.config).absolute()
-    for done in sorted(search_root.glob(f"**/{glob.escape(run.config.name)}/{DONE_FILE}")):
+    # experiments' layout only (<root>/<experiment>/runs/<phase>/seed<k>/<run>): a bounded walk
+    # even when --out's parent is a large directory
+    pattern = f"*/runs/*/seed*/{glob.escape(run.config.name)}/{DONE_FILE}"
+    for done in sorted(search_root.glob(pattern)):
         directory = done.parent.absolute()
         if directory == own or not (directory / "metrics.jsonl").is_file():
             continue
