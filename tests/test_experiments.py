@@ -131,6 +131,14 @@ def test_unknown_experiment_or_scale_is_a_clear_cli_error(capsys):
     assert "unknown scale 'huge'" in capsys.readouterr().err
 
 
+def test_the_reproduce_command_names_a_shipped_experiment_or_the_file_given(tmp_path):
+    from rl_agnostic.experiments.report import _command_target
+
+    assert _command_target(load_experiment("mix16", "tiny")) == "mix16"
+    path = _write(tmp_path, BASE)
+    assert Path(_command_target(load_experiment(path, "cpu"))).resolve() == path.resolve()
+
+
 def test_scores_normalize_against_the_reference_and_undefined_near_random():
     curve = [(i, float(i)) for i in range(1, 21)]
     assert final_score(curve, 0.1) == pytest.approx(19.5)
@@ -281,6 +289,12 @@ def test_only_fresh_runs_that_no_transfer_starts_from_are_reused(tiny_results, t
         ("transfer", "specific_transfer"), ("transfer", "agnostic-s4_transfer"),
         ("transfer", "agnostic-bigru_transfer")}
     assert (tmp_path / "again/runs/transfer/seed0/agnostic-s4_scratch/done.json").is_file()
+    # a copy of that copy names the run that trained
+    runs = exp.runs(tmp_path / "again2")
+    _reuse_identical_runs(runs, runs, tmp_path, lambda text: None)
+    done = json.loads((tmp_path / "again2/runs/transfer/seed0/agnostic-s4_scratch/done.json")
+                      .read_text())
+    assert done["reused_from"] == "mix_to_mix/runs/transfer/seed0/agnostic-s4_scratch"
 
 
 def test_a_run_directory_with_another_config_is_refused(tiny_results, tmp_path):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rl_agnostic.experiments.spec import Experiment, Run
+from rl_agnostic.experiments.spec import EXPERIMENTS_DIR, Experiment, Run
 from rl_agnostic.online.trainer import run_dir
 
 RANDOM_FILE = "random.json"
@@ -312,9 +312,25 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
     # The seeds and budget are spelled out: a report may cover fewer seeds than the scale's.
     seeds = " ".join(str(s) for s in exp.seeds)
     lines += [(f"Config: [`config.yaml`](config.yaml). Reproduce: "
-               f"`rl-agnostic experiment {exp.name} --scale {exp.scale} --seeds {seeds} "
-               f"--env-steps {exp.env_steps_per_env}`.")]
+               f"`rl-agnostic experiment {_command_target(exp)} --scale {exp.scale} "
+               f"--seeds {seeds} --env-steps {exp.env_steps_per_env}"
+               + ("" if path.parent.name == exp.name else f" --out {_shown_path(path.parent)}")
+               + "`.")]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (the repository, usually)."""
+    path = path.absolute()
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+
+
+def _command_target(exp: Experiment) -> str:
+    """What `rl-agnostic experiment` takes for ``exp``: a shipped experiment's name, else its
+    file."""
+    source = Path(exp.source)
+    return exp.name if source.absolute().parent == EXPERIMENTS_DIR.absolute() else _shown_path(
+        source)
 
 
 def plot_phase(result: dict, phase: str, path: Path) -> None:

@@ -109,15 +109,17 @@ def find_identical_run(run: Run, search_root: Path) -> Path | None:
 
 def reuse_run(run: Run, source: Path, search_root: Path) -> dict:
     """Make ``run`` finished with ``source``'s records (metrics and done.json, which then names
-    its source); returns the new done.json."""
+    the run that trained them); returns the new done.json."""
     directory = run_dir(run.config)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / "config.yaml",
                       yaml.safe_dump(run.config.to_dict(), sort_keys=False))
     atomic_write_text(directory / "metrics.jsonl", (source / "metrics.jsonl").read_text())
     done = json.loads((source / DONE_FILE).read_text())
-    done["reused_from"] = str(source.relative_to(search_root.absolute())
-                              if source.is_relative_to(search_root.absolute()) else source)
+    # a copy of a copy names the run that trained
+    done.setdefault("reused_from", str(source.relative_to(search_root.absolute())
+                                       if source.is_relative_to(search_root.absolute())
+                                       else source))
     atomic_write_text(directory / DONE_FILE, json.dumps(done, indent=2))
     return done
 
