@@ -260,7 +260,8 @@ def test_a_run_another_experiment_finished_with_the_same_config_is_copied_not_tr
     assert not result["missing_runs"] and not any(" iter " in line for line in lines)
     assert sum("reused the records of" in line for line in lines) == 3
     for name in ("single-env_CartPole-v1", "agnostic-s4"):
-        copy, source = out.parent / f"mix16/runs/train/seed0/{name}", out / f"runs/pretrain/seed0/{name}"
+        copy = out.parent / f"mix16/runs/train/seed0/{name}"
+        source = out / f"runs/pretrain/seed0/{name}"
         done = json.loads((copy / "done.json").read_text())
         assert done["reused_from"] == f"mix_to_mix/runs/pretrain/seed0/{name}"
         assert (copy / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
