@@ -24,7 +24,8 @@ import yaml
 from rl_agnostic.experiments.spec import Experiment, Run
 from rl_agnostic.nn.config import ConfigError, NetworkConfig
 from rl_agnostic.online.config import EnvEntry, RunSettings
-from rl_agnostic.online.trainer import atomic_write_text, latest_checkpoint, run_dir
+from rl_agnostic.online.trainer import (atomic_write_text, latest_checkpoint, run_dir,
+                                        write_run_config)
 
 DONE_FILE = "done.json"
 
@@ -111,9 +112,7 @@ def reuse_run(run: Run, source: Path, search_root: Path) -> dict:
     """Make ``run`` finished with ``source``'s records (metrics and done.json, which then names
     the run that trained them); returns the new done.json."""
     directory = run_dir(run.config)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / "config.yaml",
-                      yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+    write_run_config(directory, run.config)
     atomic_write_text(directory / "metrics.jsonl", (source / "metrics.jsonl").read_text())
     done = json.loads((source / DONE_FILE).read_text())
     # a copy of a copy names the run that trained

@@ -53,6 +53,13 @@ def run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.output_dir) / cfg.name
 
 
+def write_run_config(directory: Path, cfg: TrainConfig) -> None:
+    """The run directory's ``config.yaml``: what a restart (or another experiment looking for
+    the same run) compares its own config with."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint of a run directory (or of its ``checkpoints/``)."""
     for base in (directory / "checkpoints", directory):
@@ -112,8 +119,7 @@ class OnlineTrainer:
                                         f"resuming from {resume_from}")
         if resume_from is None:
             move_previous_run_aside(self.dir, self.log)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_run_config(self.dir, cfg)
 
         from rl_agnostic.distributed import init_ray
 
