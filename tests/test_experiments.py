@@ -86,6 +86,21 @@ def test_transfer_start_settings_reach_only_transfer_runs(tmp_path):
                       ("b", "agn", "scratch"): 1.0}
 
 
+def test_phase_settings_reach_its_runs_under_the_agents_own(tmp_path):
+    text = BASE.replace("init_from: a, scratch: [agn]}",
+                        "init_from: a, scratch: [agn], train: {ppo: {num_minibatches: 16}}}")
+    text = text.replace("single: {model: {kind: single}}",
+                        "single: {model: {kind: single}, train: {ppo: {num_minibatches: 2}}}")
+    runs = load_experiment(_write(tmp_path, text), "cpu").runs("/tmp/o")
+    minibatches = {(r.phase, r.agent, r.mode): r.config.ppo.num_minibatches for r in runs}
+    default = load_experiment(_write(tmp_path, BASE), "cpu").runs("/tmp/o")[1].config.ppo
+    assert default.num_minibatches not in (2, 16)
+    assert minibatches == {("a", "single", "single"): 2,
+                           ("a", "agn", "plain"): default.num_minibatches,
+                           ("b", "single", "single"): 2, ("b", "agn", "transfer"): 16,
+                           ("b", "agn", "scratch"): 16}
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(text)
@@ -115,6 +130,9 @@ scales:
     (("single: {model: {kind: single}}", "single: {model: {kind: agnostic}}"),
      "reference must name an agent of model kind 'single'"),
     (("\nscales:", "\nprimary: agm\nscales:"), "primary 'agm' is not an agent"),
+    (("scratch: [agn]}", "scratch: [agn], train: {ppo: {num_minibatch: 8}}}"),
+     "did you mean 'num_minibatches'"),
+    (("scratch: [agn]}", "scratch: [agn], train: 16}"), "phases.b.train must be a mapping"),
 ])
 def test_bad_experiment_files_fail_before_any_run(tmp_path, change, message):
     assert load_experiment(_write(tmp_path, BASE), "cpu").runs("/tmp/o")

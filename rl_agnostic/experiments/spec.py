@@ -4,7 +4,8 @@ An experiment is a sequence of **phases** (e.g. ``pretrain`` then ``transfer``),
 types, and a set of **agents** (model sections such as ``{kind: agnostic}``). Every agent trains
 on every phase; a phase with ``init_from: <earlier phase>`` starts each multi-env agent from its
 own final checkpoint of that phase (transfer), and the agents listed in its ``scratch`` also train
-there from freshly initialized weights. Agents of ``kind: single`` train one run per env (the
+there from freshly initialized weights; a phase's ``train:`` (any `TrainConfig` sections) applies
+to all its runs. Agents of ``kind: single`` train one run per env (the
 reference of the normalized score) and never transfer. ``scales`` hold the budget and the shared
 run settings (``train:``, any `TrainConfig` sections) per scale — ``paper`` for a GPU cluster,
 ``cpu`` for a 2-core machine, ``tiny`` for tests — and a seed list.
@@ -40,6 +41,9 @@ class Phase:
     """Earlier phase whose final checkpoint each multi-env agent starts from (transfer)."""
     scratch: tuple[str, ...] = ()
     """Agents that ALSO train this phase from scratch (only meaningful with ``init_from``)."""
+    train: dict = dataclasses.field(default_factory=dict)
+    """Run settings of every run of this phase (`TrainConfig` sections) on top of the scale's
+    ``train``; an agent's own ``train`` (and ``transfer``) overrides still win."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,8 @@ class Experiment:
                     kind = overrides.get("model", {}).get("kind", "agnostic")
                     if kind == "single":
                         for env in phase.envs:
-                            cfg = self._config(f"{agent}_{env.env_id}", [env], overrides, seed,
-                                               base_dir)
+                            cfg = self._config(f"{agent}_{env.env_id}", phase, [env], overrides,
+                                               seed, base_dir)
                             out.append(Run(phase.name, agent, "single", seed, cfg))
                         continue
                     modes = ["transfer"] if phase.init_from else ["plain"]
@@ -113,7 +117,7 @@ class Experiment:
                         modes.append("scratch")
                     for mode in modes:
                         name = agent if mode == "plain" else f"{agent}_{mode}"
-                        cfg = self._config(name, phase.envs, overrides, seed, base_dir,
+                        cfg = self._config(name, phase, phase.envs, overrides, seed, base_dir,
                                            transfer=mode == "transfer")
                         parent = done.get((phase.init_from, agent)) if mode == "transfer" else None
                         run = Run(phase.name, agent, mode, seed, cfg, parent)
@@ -127,9 +131,9 @@ class Experiment:
             return Path(output_dir).parent / self.share_runs_with / "runs"
         return Path(output_dir) / "runs"
 
-    def _config(self, name: str, envs: Sequence[EnvEntry], overrides: dict, seed: int,
-                base_dir: Path, transfer: bool = False) -> TrainConfig:
-        values = _merge(copy.deepcopy(self.train), overrides.get("train", {}))
+    def _config(self, name: str, phase: Phase, envs: Sequence[EnvEntry], overrides: dict,
+                seed: int, base_dir: Path, transfer: bool = False) -> TrainConfig:
+        values = _merge(_merge(copy.deepcopy(self.train), phase.train), overrides.get("train", {}))
         values["model"] = _merge(values.get("model", {}), overrides.get("model", {}))
         if transfer:  # the agent's transfer-only settings (e.g. run.transfer_shrink)
             values = _merge(values, overrides.get("transfer", {}))
@@ -150,7 +154,9 @@ class Experiment:
                 "seeds": list(self.seeds), "env_steps_per_env": self.env_steps_per_env,
                 "phases": {p.name: {"envs": [dataclasses.asdict(e) for e in p.envs],
                                     "init_from": p.init_from,
-                                    "scratch": list(p.scratch)} for p in self.phases},
+                                    "scratch": list(p.scratch),
+                                    **({"train": p.train} if p.train else {})}
+                           for p in self.phases},
                 "agents": self.agents, "note": self.note, "reference": self.reference,
                 "primary": self.primary, "train": self.train,
                 "random_episodes": self.random_episodes, "final_fraction": self.final_fraction}
@@ -223,8 +229,8 @@ def load_experiment(name_or_path: str | Path, scale: str = "cpu",
                               f"({', '.join(agents)})")
         if over is None:  # `name: null` leaves the agent out at this scale
             agents = {k: v for k, v in agents.items() if k != name}
-            phases = tuple(Phase(p.name, p.envs, p.init_from,
-                                 tuple(a for a in p.scratch if a != name)) for p in phases)
+            phases = tuple(dataclasses.replace(p, scratch=tuple(a for a in p.scratch if a != name))
+                           for p in phases)
         else:
             agents = {**agents, name: _merge(agents[name], over)}
     reference = values.get("reference")
@@ -276,7 +282,7 @@ def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
         where = f"{source}: phases.{name}"
         if not isinstance(p, dict):
             raise ConfigError(f"{where} must be a mapping")
-        check_keys(p, ["envs", "init_from", "scratch"], where)
+        check_keys(p, ["envs", "init_from", "scratch", "train"], where)
         envs = parse_envs(p.get("envs"), where)
         init_from = p.get("init_from")
         if init_from is not None and init_from not in [q.name for q in phases]:
@@ -290,7 +296,11 @@ def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
         if scratch and init_from is None:
             raise ConfigError(f"{where}.scratch needs init_from (every run of a phase without "
                               "init_from is from scratch already)")
-        phases.append(Phase(str(name), envs, init_from, scratch))
+        train = p.get("train") or {}
+        if not isinstance(train, dict):
+            raise ConfigError(f"{where}.train must be a mapping of run settings (TrainConfig "
+                              "sections such as ppo: {...})")
+        phases.append(Phase(str(name), envs, init_from, scratch, train))
     return tuple(phases)
 
 
