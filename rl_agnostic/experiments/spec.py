@@ -5,8 +5,8 @@ types, and a set of **agents** (model sections such as ``{kind: agnostic}``). Ev
 on every phase; a phase with ``init_from: <earlier phase>`` starts each multi-env agent from its
 own final checkpoint of that phase (transfer), and the agents listed in its ``scratch`` also train
 there from freshly initialized weights; a phase's ``train:`` (any `TrainConfig` sections) applies
-to all its runs. Agents of ``kind: single`` train one run per env (the
-reference of the normalized score) and never transfer. ``scales`` hold the budget and the shared
+to all its runs. Agents of ``kind: single`` train one run per env (the reference of the normalized
+score) and never transfer. ``scales`` hold the budget and the shared
 run settings (``train:``, any `TrainConfig` sections) per scale — ``paper`` for a GPU cluster,
 ``cpu`` for a 2-core machine, ``tiny`` for tests — and a seed list.
 
