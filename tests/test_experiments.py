@@ -38,7 +38,8 @@ def test_shipped_experiment_expands_into_valid_ordered_runs(name, scale):
             # starts from the SAME agent's run of the earlier phase, which runs before it
             assert r.init_from.agent == r.agent and r.init_from.seed == r.seed
             assert (r.init_from.key, r.seed) in seen and r.init_from.phase != r.phase
-        assert r.config.run.env_steps_per_env == exp.env_steps_per_env
+        phase = next(p for p in exp.phases if p.name == r.phase)
+        assert r.config.run.env_steps_per_env == phase.env_steps(exp.env_steps_per_env)
         seen.add((r.key, r.seed))
     assert len({(r.key, r.seed) for r in runs}) == len(runs)
 
@@ -101,6 +102,18 @@ def test_phase_settings_reach_its_runs_under_the_agents_own(tmp_path):
                            ("b", "agn", "scratch"): 16}
 
 
+def test_a_phase_budget_factor_scales_only_its_runs_and_follows_the_budget_override(tmp_path):
+    text = BASE.replace("a: {envs: [CartPole-v1]}", "a: {envs: [CartPole-v1], env_steps_factor: 4}")
+    steps = {(r.phase, r.mode): r.config.run.env_steps_per_env
+             for r in load_experiment(_write(tmp_path, text), "cpu").runs("/tmp/o")}
+    assert steps == {("a", "single"): 40, ("a", "plain"): 40, ("b", "single"): 10,
+                     ("b", "transfer"): 10, ("b", "scratch"): 10}
+    exp = load_experiment(_write(tmp_path, text), "cpu", env_steps_per_env=3)
+    assert {r.config.run.env_steps_per_env for r in exp.runs("/tmp/o") if r.phase == "a"} == {12}
+    assert exp.resolved()["phases"]["a"]["env_steps_factor"] == 4.0
+    assert "env_steps_factor" not in exp.resolved()["phases"]["b"]
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(text)
@@ -133,6 +146,10 @@ scales:
     (("scratch: [agn]}", "scratch: [agn], train: {ppo: {num_minibatch: 8}}}"),
      "did you mean 'num_minibatches'"),
     (("scratch: [agn]}", "scratch: [agn], train: 16}"), "phases.b.train must be a mapping"),
+    (("scratch: [agn]}", "scratch: [agn], env_steps_factor: 0}"),
+     "phases.b.env_steps_factor must be a positive number, got 0"),
+    (("scratch: [agn]}", "scratch: [agn], env_steps_factor: four}"),
+     "env_steps_factor must be a positive number, got 'four'"),
 ])
 def test_bad_experiment_files_fail_before_any_run(tmp_path, change, message):
     assert load_experiment(_write(tmp_path, BASE), "cpu").runs("/tmp/o")

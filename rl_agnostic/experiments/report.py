@@ -243,7 +243,9 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
     lines = [f"# Experiment `{exp.name}` ({exp.scale} scale)", "", exp.description.strip(), "",
              f"**Scale `{exp.scale}`:** {exp.note or '(no note)'}", "",
              (f"Seeds {list(exp.seeds)}, {exp.env_steps_per_env:,} env steps per env type and "
-              "run. Scores are training returns: *final* = mean over the last "
+              "run" + "".join(f" ({p.env_steps(exp.env_steps_per_env):,} in phase `{p.name}`)"
+                              for p in exp.phases if p.env_steps_factor != 1.0)
+              + ". Scores are training returns: *final* = mean over the last "
               f"{exp.final_fraction:.0%} of iterations, *best* = the curve's maximum. Normalized "
               "= 100·(score − random)/(best single-env score − random) (paper §4.2), mean ± std "
               "over seeds; – where undefined (the single-env agent not clearly above random)."),

@@ -196,7 +196,7 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
         for i, run in enumerate(todo, 1):
             prefix = f"[{i}/{len(todo)} {run.phase} seed{run.seed} {run.config.name}]"
             say(f"{prefix} {run.mode}: {len(run.config.envs)} env types, "
-                f"{exp.env_steps_per_env:,} env steps each"
+                f"{run.config.run.env_steps_per_env:,} env steps each"
                 + (f", from {run.init_from.key}" if run.init_from else ""))
             done = execute_run(run, lambda text, p=prefix: say(f"{p} {text}"))
             elapsed = time.perf_counter() - t_start

@@ -5,7 +5,8 @@ types, and a set of **agents** (model sections such as ``{kind: agnostic}``). Ev
 on every phase; a phase with ``init_from: <earlier phase>`` starts each multi-env agent from its
 own final checkpoint of that phase (transfer), and the agents listed in its ``scratch`` also train
 there from freshly initialized weights; a phase's ``train:`` (any `TrainConfig` sections) applies
-to all its runs. Agents of ``kind: single`` train one run per env (the reference of the normalized
+to all its runs, and its ``env_steps_factor`` scales the scale's budget for them (e.g. a longer
+pretraining than transfer). Agents of ``kind: single`` train one run per env (the reference of the normalized
 score) and never transfer. ``scales`` hold the budget and the shared
 run settings (``train:``, any `TrainConfig` sections) per scale — ``paper`` for a GPU cluster,
 ``cpu`` for a 2-core machine, ``tiny`` for tests — and a seed list.
@@ -44,6 +45,12 @@ class Phase:
     train: dict = dataclasses.field(default_factory=dict)
     """Run settings of every run of this phase (`TrainConfig` sections) on top of the scale's
     ``train``; an agent's own ``train`` (and ``transfer``) overrides still win."""
+    env_steps_factor: float = 1.0
+    """Each run of this phase trains round(env_steps_per_env × env_steps_factor) env steps per
+    env type (the paper's phases share one budget: 1.0)."""
+
+    def env_steps(self, env_steps_per_env: int) -> int:
+        return max(1, round(env_steps_per_env * self.env_steps_factor))
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ class Experiment:
             values = _merge(values, overrides.get("transfer", {}))
         values.setdefault("run", {})
         values["run"].update(seed=seed, output_dir=str(base_dir),
-                             env_steps_per_env=self.env_steps_per_env)
+                             env_steps_per_env=phase.env_steps(self.env_steps_per_env))
         envs = [dataclasses.asdict(e) for e in envs]
         return TrainConfig.from_dict({"name": name, "envs": envs, **values},
                                      f"{self.source}: run {name}")
@@ -155,7 +162,9 @@ class Experiment:
                 "phases": {p.name: {"envs": [dataclasses.asdict(e) for e in p.envs],
                                     "init_from": p.init_from,
                                     "scratch": list(p.scratch),
-                                    **({"train": p.train} if p.train else {})}
+                                    **({"train": p.train} if p.train else {}),
+                                    **({"env_steps_factor": p.env_steps_factor}
+                                       if p.env_steps_factor != 1.0 else {})}
                            for p in self.phases},
                 "agents": self.agents, "note": self.note, "reference": self.reference,
                 "primary": self.primary, "train": self.train,
@@ -282,7 +291,7 @@ def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
         where = f"{source}: phases.{name}"
         if not isinstance(p, dict):
             raise ConfigError(f"{where} must be a mapping")
-        check_keys(p, ["envs", "init_from", "scratch", "train"], where)
+        check_keys(p, ["envs", "init_from", "scratch", "train", "env_steps_factor"], where)
         envs = parse_envs(p.get("envs"), where)
         init_from = p.get("init_from")
         if init_from is not None and init_from not in [q.name for q in phases]:
@@ -300,7 +309,11 @@ def _parse_phases(values: Any, agents: dict, source: str) -> tuple[Phase, ...]:
         if not isinstance(train, dict):
             raise ConfigError(f"{where}.train must be a mapping of run settings (TrainConfig "
                               "sections such as ppo: {...})")
-        phases.append(Phase(str(name), envs, init_from, scratch, train))
+        factor = p.get("env_steps_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                or not 0 < factor < float("inf"):
+            raise ConfigError(f"{where}.env_steps_factor must be a positive number, got {factor!r}")
+        phases.append(Phase(str(name), envs, init_from, scratch, train, float(factor)))
     return tuple(phases)
 
 
