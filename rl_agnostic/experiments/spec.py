@@ -6,10 +6,10 @@ on every phase; a phase with ``init_from: <earlier phase>`` starts each multi-en
 own final checkpoint of that phase (transfer), and the agents listed in its ``scratch`` also train
 there from freshly initialized weights; a phase's ``train:`` (any `TrainConfig` sections) applies
 to all its runs, and its ``env_steps_factor`` scales the scale's budget for them (e.g. a longer
-pretraining than transfer). Agents of ``kind: single`` train one run per env (the reference of the normalized
-score) and never transfer. ``scales`` hold the budget and the shared
-run settings (``train:``, any `TrainConfig` sections) per scale — ``paper`` for a GPU cluster,
-``cpu`` for a 2-core machine, ``tiny`` for tests — and a seed list.
+pretraining than transfer). Agents of ``kind: single`` train one run per env (the reference of
+the normalized score) and never transfer. ``scales`` hold the budget and the shared run settings
+(``train:``, any `TrainConfig` sections) per scale — ``paper`` for a GPU cluster, ``cpu`` for a
+2-core machine, ``tiny`` for tests — and a seed list.
 
 Everything is validated when the file is loaded: every run's `TrainConfig` is built (unknown keys,
 bad values) and every env id is checked, so a typo fails before the first run starts.
