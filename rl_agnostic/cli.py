@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "run of every seed, then results/<name>/results.md, results.json and one "
                     "PNG per phase. Started again, it skips finished runs and resumes the "
                     "unfinished one; a run another experiment already finished with the same "
-                    "config (e.g. a single-env reference) is copied, not trained again.")
+                    "config (e.g. a single-env reference) is copied, not trained again, and so "
+                    "is a pretraining run of two agents that differ only in how they transfer.")
     exp.add_argument("experiment", metavar="NAME|FILE.yaml")
     exp.add_argument("--scale", default="cpu", help="paper | cpu | tiny (default: %(default)s)")
     exp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rewrite the tables and plots from the finished runs, train nothing")
     exp.add_argument("--no-reuse-runs", action="store_true",
                      help="train every run, even one whose config a finished run of another "
-                          "experiment next to --out has (default: copy that run's records)")
+                          "experiment next to --out, or a twin in this one, has (default: copy "
+                          "that run's records)")
     ev = sub.add_parser("evaluate", help="deterministic episodes with a checkpoint's policy")
     ev.add_argument("checkpoint", metavar="CKPT",
                     help="run directory, checkpoint directory, checkpoints/latest or policy.pt")

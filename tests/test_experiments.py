@@ -392,3 +392,55 @@ def test_phase_env_entries_keep_their_backend(tmp_path):
     single = next(r for r in exp.runs("/tmp/o") if r.phase == "a" and r.mode == "single")
     assert single.config.env_ids == ["envpool:CartPole-v1"]
     assert single.config.name == "single_envpool:CartPole-v1"
+
+
+TWINS = """
+name: twins
+phases:
+  a: {envs: [CartPole-v1, Pendulum-v1]}
+  b: {envs: [Acrobot-v1, MountainCarContinuous-v0], init_from: a}
+agents:
+  single: {model: {kind: single}}
+  agn: {model: {kind: agnostic}}
+  agn-std-reset: {model: {kind: agnostic}, transfer: {run: {transfer_reinit: [log_std_decoder]}}}
+  agn-wide: {model: {kind: agnostic, network: {d_model: 24}}}
+scales:
+  cpu:
+    seeds: [0]
+    env_steps_per_env: 48
+    train:
+      model: {network: {preset: cpu, d_model: 16, s4_layers: 1, transformer_layers: 1,
+                        dropout: 0.0, mlp_depth: 1}}
+      ppo: {num_epochs: 1, rollout_steps: 24, num_minibatches: 1}
+      resources: {num_env_runners: 0, num_envs_per_env_runner: 2}
+      run: {checkpoint_every: 100, keep_checkpoints: 1}
+"""
+
+
+def test_agents_whose_pretraining_is_the_same_pretrain_once(tmp_path, shared_ray):
+    """Two agents that differ only in how they transfer share one pretraining run: the twin
+    takes its records and its transfer starts from the original's weights."""
+    from rl_agnostic.experiments.run import twin_parents
+
+    exp = load_experiment(_write(tmp_path, TWINS), "cpu")
+    runs = exp.runs(tmp_path / "out")
+    assert {k: v.key for k, v in twin_parents(runs).items()} == {"a/agn-std-reset": "a/agn"}
+    lines: list[str] = []
+    result = run_experiment(exp, tmp_path / "out", log=lines.append)
+    assert not result["missing_runs"]
+    trained = {line.split("]")[0].split()[-1] for line in lines if " iter " in line}
+    assert "agn-std-reset" not in trained and {"agn", "agn-wide"} <= trained
+    pre = tmp_path / "out/runs/a/seed0"
+    assert (pre / "agn-std-reset/metrics.jsonl").read_text() == (
+        pre / "agn/metrics.jsonl").read_text()
+    assert json.loads((pre / "agn-std-reset/done.json").read_text())["reused_from"] == (
+        "out/runs/a/seed0/agn")
+    done = json.loads((tmp_path / "out/runs/b/seed0/agn-std-reset_transfer/done.json")
+                      .read_text())
+    assert done["init_from"] == str(pre / "agn")
+    assert yaml.safe_load((tmp_path / "out/runs/b/seed0/agn-std-reset_transfer/config.yaml")
+                          .read_text())["run"]["transfer_reinit"] == ["log_std_decoder"]
+    # started again, nothing trains
+    lines = []
+    run_experiment(exp, tmp_path / "out", log=lines.append)
+    assert not any(" iter " in line for line in lines)

@@ -120,7 +120,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         table: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
         params: dict[str, int] = {}
         wall: dict[str, float] = defaultdict(float)
-        reused: list[float] = []  # wall times of runs whose records another experiment's run made
+        reused: list[float] = []  # wall times of runs whose records another run made
         for r in by_phase[phase.name]:
             done = run_done(r)
             if done is None:
@@ -302,8 +302,9 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
         walls = ", ".join(f"{lab} {w / 60:.1f}" for lab, w in ph["wall_s"].items())
         total = sum(ph["wall_s"].values()) / 60
         reused = (f" It counts {ph['reused_runs']} runs ({ph['reused_wall_s'] / 60:.1f} min) whose "
-                  "records were copied from a finished run of the same config in another "
-                  "experiment (their done.json names it)." if ph.get("reused_runs") else "")
+                  "records were copied from a finished run of the same config (another "
+                  "experiment's, or a twin's in this one; their done.json names it)."
+                  if ph.get("reused_runs") else "")
         lines += ["", f"Wall time of this phase: {total:.1f} min ({walls}).{reused}", "",
                   f"![{name} learning curves]({name}.png)", ""]
     if result["wall_s_per_seed"]:

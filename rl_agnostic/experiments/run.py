@@ -6,7 +6,9 @@ parameter count, env steps) and is skipped when the experiment is started again;
 resumes from its latest checkpoint. A transfer run starts from the final checkpoint of the same
 agent's run in the ``init_from`` phase. A run from fresh weights that another experiment next to
 this one already finished with the same config is copied instead of trained
-(`find_identical_run`). One local Ray serves every run.
+(`find_identical_run`). Two parent runs of one experiment whose configs differ only in their
+name (agents that differ only in how they transfer) train once (`twin_parents`). One local Ray
+serves every run.
 """
 
 from __future__ import annotations
@@ -123,15 +125,37 @@ def reuse_run(run: Run, source: Path, search_root: Path) -> dict:
     return done
 
 
-def execute_run(run: Run, log: Callable[[str], None]) -> dict:
-    """Train one run to its budget (resuming when it has a checkpoint); returns its done.json."""
+def twin_parents(runs: list[Run]) -> dict[str, Run]:
+    """Run key -> the earlier run it is a twin of: both initialize other runs and their configs
+    differ only in the name (e.g. two agents whose pretraining is the same and whose transfers
+    start differently). A twin takes its original's records and its children start from the
+    original's checkpoint, since a run of one config and seed trains the same on one machine."""
+    parents = {r.init_from.key: r.init_from for r in runs if r.init_from is not None}
+    originals: dict[str, Run] = {}  # the config without its name -> first parent with it
+    twins = {}
+    for run in parents.values():
+        unnamed = run.config.to_dict()
+        unnamed.pop("name")
+        text = json.dumps(unnamed, sort_keys=True)
+        if text in originals:
+            twins[run.key] = originals[text]
+        else:
+            originals[text] = run
+    return twins
+
+
+def execute_run(run: Run, log: Callable[[str], None], parent: Run | None = None) -> dict:
+    """Train one run to its budget (resuming when it has a checkpoint); returns its done.json.
+    ``parent``: the run whose final weights a transfer run starts from, when not
+    ``run.init_from`` (that one's original, `twin_parents`)."""
     from rl_agnostic.online.trainer import OnlineTrainer
 
     directory = run_dir(run.config)
     resume = latest_checkpoint(directory.absolute()) is not None
+    parent = parent or run.init_from
     init_from = None
-    if run.init_from is not None and not resume:
-        init_from = str(run_dir(run.init_from.config).absolute())
+    if parent is not None and not resume:
+        init_from = str(run_dir(parent.config).absolute())
     t0 = time.perf_counter()
     trainer = OnlineTrainer(run.config, resume=resume, init_from=init_from, log=log)
     last = None
@@ -173,7 +197,8 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
 
     ``reuse_runs``: a run that starts from fresh weights, has no checkpoint yet and initializes no
     other run takes the records of a finished run of the same config under ``out_dir``'s parent
-    (other experiments' results, `find_identical_run`) instead of training."""
+    (other experiments' results, `find_identical_run`) instead of training, and a parent run that
+    is an earlier one's twin (`twin_parents`) takes that one's records."""
     import ray
 
     from rl_agnostic.experiments.report import measure_random_scores, write_report
@@ -189,16 +214,24 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
         f"{list(exp.seeds)}, {len(runs) - len(todo)} already done; results in {out}")
     if reuse_runs:
         todo = _reuse_identical_runs(runs, todo, out.parent, say)
+    twins = twin_parents(runs) if reuse_runs else {}
     measure_random_scores(exp, out, say)
     started_ray = not ray.is_initialized()
     t_start = time.perf_counter()
     try:
         for i, run in enumerate(todo, 1):
             prefix = f"[{i}/{len(todo)} {run.phase} seed{run.seed} {run.config.name}]"
+            twin = twins.get(run.key)
+            if twin is not None and latest_checkpoint(run_dir(run.config).absolute()) is None:
+                reuse_run(run, run_dir(twin.config).absolute(), out.parent)
+                say(f"{prefix} reused the records of {twin.config.name}, its twin (the same "
+                    "config but for the name); its transfer runs start from that one's weights")
+                continue
+            parent = run.init_from and twins.get(run.init_from.key, run.init_from)
             say(f"{prefix} {run.mode}: {len(run.config.envs)} env types, "
                 f"{run.config.run.env_steps_per_env:,} env steps each"
-                + (f", from {run.init_from.key}" if run.init_from else ""))
-            done = execute_run(run, lambda text, p=prefix: say(f"{p} {text}"))
+                + (f", from {parent.key}" if parent else ""))
+            done = execute_run(run, lambda text, p=prefix: say(f"{p} {text}"), parent)
             elapsed = time.perf_counter() - t_start
             say(f"{prefix} done in {done['wall_s'] / 60:.1f} min "
                 f"({elapsed / 60:.1f} min since start, {len(todo) - i} left)")
