@@ -422,9 +422,13 @@ def test_agents_whose_pretraining_is_the_same_pretrain_once(tmp_path, shared_ray
     takes its records and its transfer starts from the original's weights."""
     from rl_agnostic.experiments.run import twin_parents
 
+    exp = load_experiment(_write(tmp_path, TWINS.replace("seeds: [0]", "seeds: [0, 1]")), "cpu")
+    twins = twin_parents(exp.runs(tmp_path / "out"))
+    assert {k.relative_to(tmp_path / "out/runs"): v.config.run.seed
+            for k, v in twins.items()} == {Path("a/seed0/agn-std-reset"): 0,
+                                           Path("a/seed1/agn-std-reset"): 1}
+    assert {v.agent for v in twins.values()} == {"agn"}
     exp = load_experiment(_write(tmp_path, TWINS), "cpu")
-    runs = exp.runs(tmp_path / "out")
-    assert {k: v.key for k, v in twin_parents(runs).items()} == {"a/agn-std-reset": "a/agn"}
     lines: list[str] = []
     result = run_experiment(exp, tmp_path / "out", log=lines.append)
     assert not result["missing_runs"]

@@ -125,12 +125,12 @@ def reuse_run(run: Run, source: Path, search_root: Path) -> dict:
     return done
 
 
-def twin_parents(runs: list[Run]) -> dict[str, Run]:
-    """Run key -> the earlier run it is a twin of: both initialize other runs and their configs
-    differ only in the name (e.g. two agents whose pretraining is the same and whose transfers
+def twin_parents(runs: list[Run]) -> dict[Path, Run]:
+    """Run directory -> the earlier run it is a twin of: both initialize other runs and their
+    configs (seed included) differ only in the name (e.g. two agents whose pretraining is the same and whose transfers
     start differently). A twin takes its original's records and its children start from the
     original's checkpoint, since a run of one config and seed trains the same on one machine."""
-    parents = {r.init_from.key: r.init_from for r in runs if r.init_from is not None}
+    parents = {run_dir(r.init_from.config): r.init_from for r in runs if r.init_from is not None}
     originals: dict[str, Run] = {}  # the config without its name -> first parent with it
     twins = {}
     for run in parents.values():
@@ -138,7 +138,7 @@ def twin_parents(runs: list[Run]) -> dict[str, Run]:
         unnamed.pop("name")
         text = json.dumps(unnamed, sort_keys=True)
         if text in originals:
-            twins[run.key] = originals[text]
+            twins[run_dir(run.config)] = originals[text]
         else:
             originals[text] = run
     return twins
@@ -221,13 +221,13 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
     try:
         for i, run in enumerate(todo, 1):
             prefix = f"[{i}/{len(todo)} {run.phase} seed{run.seed} {run.config.name}]"
-            twin = twins.get(run.key)
+            twin = twins.get(run_dir(run.config))
             if twin is not None and latest_checkpoint(run_dir(run.config).absolute()) is None:
                 reuse_run(run, run_dir(twin.config).absolute(), out.parent)
                 say(f"{prefix} reused the records of {twin.config.name}, its twin (the same "
                     "config but for the name); its transfer runs start from that one's weights")
                 continue
-            parent = run.init_from and twins.get(run.init_from.key, run.init_from)
+            parent = run.init_from and twins.get(run_dir(run.init_from.config), run.init_from)
             say(f"{prefix} {run.mode}: {len(run.config.envs)} env types, "
                 f"{run.config.run.env_steps_per_env:,} env steps each"
                 + (f", from {parent.key}" if parent else ""))
