@@ -195,10 +195,28 @@ def test_primary_check_counts_envs_per_other_column():
               "single-env": {"A": entry(9), "B": entry(9)}}
     check = _primary_check(exp, scores, ["A", "B"])["versus"]
     assert check["specific (transfer)"] == {"per_env": {"A": True, "B": False}, "count": 1,
-                                            "of": 2}
+                                            "of": 2, "per_seed": {}}
     assert check["agnostic-s4 (scratch)"]["count"] == 1
     assert check["agnostic-s4 (scratch)"]["of"] == 1
     assert "single-env" not in check
+
+
+def test_primary_check_counts_per_seed_on_the_seeds_both_columns_have():
+    exp = load_experiment("mix_to_mix", "tiny")
+
+    def entry(by_seed):
+        return {"final": {"return_mean_std": (sum(by_seed.values()) / len(by_seed), 0.0),
+                          "seeds": sorted(by_seed), "returns": [by_seed[s] for s in
+                                                                sorted(by_seed)]}}
+
+    scores = {"agnostic-s4 (transfer)": {"A": entry({0: 5, 1: 1, 2: 9}),
+                                         "B": entry({0: 1, 1: 3, 2: 9})},
+              "specific (transfer)": {"A": entry({0: 4, 1: 2}), "B": entry({0: 2, 1: 2})},
+              "agnostic-s4 (scratch)": {"A": entry({0: 1}), "B": entry({0: 1})}}
+    check = _primary_check(exp, scores, ["A", "B"])["versus"]
+    # seed 0: A only; seed 1: B only; seed 2 is not the specific agent's
+    assert check["specific (transfer)"]["per_seed"] == {0: 1, 1: 1}
+    assert check["agnostic-s4 (scratch)"]["per_seed"] == {}  # one seed in common
 
 
 def test_primary_check_of_a_phase_without_transfer_includes_the_reference():
@@ -212,7 +230,7 @@ def test_primary_check_of_a_phase_without_transfer_includes_the_reference():
     check = _primary_check(exp, scores, ["A", "B"], transfer=False)
     assert check["primary"] == "agnostic-s4"
     assert check["versus"] == {"single-env": {"per_env": {"A": False, "B": True}, "count": 1,
-                                              "of": 2}}
+                                              "of": 2, "per_seed": {}}}
     assert _primary_check(exp, scores, ["A", "B"]) == {}  # no transfer column
 
 

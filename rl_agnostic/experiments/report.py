@@ -151,7 +151,7 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
                 for what in ("final", "best"):
                     raw = [seeds[s][what] for s in sorted(seeds)]
                     norm = [normalize(x, rand[e], ref[e]) for x in raw]
-                    entry[what] = {"returns": raw, "normalized": norm,
+                    entry[what] = {"returns": raw, "seeds": sorted(seeds), "normalized": norm,
                                    "normalized_mean_std": _mean_std(norm)[:2],
                                    "return_mean_std": _mean_std(raw)[:2]}
                 scores[label][e] = entry
@@ -210,10 +210,11 @@ def _parameters_all_envs(exp: Experiment, runs: list[Run], phase) -> dict[str, i
 
 def _primary_check(exp: Experiment, scores: dict, env_ids: list[str],
                    transfer: bool = True) -> dict[str, Any]:
-    """Per env: is the primary agent's final score ≥ each other column's? In a transfer phase
-    the primary's transfer run against the other multi-env columns (the issue's comparison); in
-    a phase trained from scratch its run against every other agent, the reference included
-    (paper Fig. 2: one agent against the single-env agents)."""
+    """Per env: is the primary agent's final score (mean over seeds) ≥ each other column's? In a
+    transfer phase the primary's transfer run against the other multi-env columns (the issue's
+    comparison); in a phase trained from scratch its run against every other agent, the reference
+    included (paper Fig. 2: one agent against the single-env agents). ``per_seed``: the same count
+    for each seed both columns have, when there are several."""
     primary = f"{exp.primary} (transfer)" if transfer else exp.primary
     if primary not in scores:
         return {}
@@ -228,8 +229,25 @@ def _primary_check(exp: Experiment, scores: dict, env_ids: list[str],
             wins[e] = None if a is None or b is None else bool(a >= b)
         out["versus"][other] = {"per_env": wins,
                                 "count": sum(1 for w in wins.values() if w),
-                                "of": sum(1 for w in wins.values() if w is not None)}
+                                "of": sum(1 for w in wins.values() if w is not None),
+                                "per_seed": _count_per_seed(scores[primary], scores[other],
+                                                            env_ids)}
     return out
+
+
+def _count_per_seed(primary: dict, other: dict, env_ids: list[str]) -> dict[int, int]:
+    """Seed -> envs where ``primary``'s final return is ≥ ``other``'s on that seed; empty unless
+    both columns have two or more seeds in common."""
+    per_env = []
+    for e in env_ids:
+        a, b = primary[e]["final"], other[e]["final"]
+        per_env.append((dict(zip(a.get("seeds", []), a.get("returns", []))),
+                        dict(zip(b.get("seeds", []), b.get("returns", [])))))
+    seeds = sorted(set.intersection(*(set(x) & set(y) for x, y in per_env))) if per_env else []
+    if len(seeds) < 2:
+        return {}
+    return {s: sum(1 for x, y in per_env
+                   if x[s] is not None and y[s] is not None and x[s] >= y[s]) for s in seeds}
 
 
 def _fmt(ms: tuple | list | None) -> str:
@@ -286,7 +304,10 @@ def write_markdown(exp: Experiment, result: dict, path: Path) -> None:
                       "|---|---|" + "---|" * len(ph["envs"])]
             for other, v in check["versus"].items():
                 marks = ["–" if w is None else ("✓" if w else "✗") for w in v["per_env"].values()]
-                lines.append(f"| {other} | {v['count']}/{v['of']} | " + " | ".join(marks) + " |")
+                seeds = v.get("per_seed") or {}
+                count = f"{v['count']}/{v['of']}" + (
+                    f" (per seed {', '.join(str(n) for n in seeds.values())})" if seeds else "")
+                lines.append(f"| {other} | {count} | " + " | ".join(marks) + " |")
         lines += ["", "| agent | parameters (this phase) |"
                   + (" parameters serving all envs so far |" if ph.get("parameters_all_envs")
                      else ""),
