@@ -127,9 +127,10 @@ def reuse_run(run: Run, source: Path, search_root: Path) -> dict:
 
 def twin_parents(runs: list[Run]) -> dict[Path, Run]:
     """Run directory -> the earlier run it is a twin of: both initialize other runs and their
-    configs (seed included) differ only in the name (e.g. two agents whose pretraining is the same and whose transfers
-    start differently). A twin takes its original's records and its children start from the
-    original's checkpoint, since a run of one config and seed trains the same on one machine."""
+    configs (seed included) differ only in the name (e.g. two agents whose pretraining is the
+    same and whose transfers start differently). A twin takes its original's records and its
+    children start from the original's checkpoint, since a run of one config and seed trains the
+    same on one machine."""
     parents = {run_dir(r.init_from.config): r.init_from for r in runs if r.init_from is not None}
     originals: dict[str, Run] = {}  # the config without its name -> first parent with it
     twins = {}
