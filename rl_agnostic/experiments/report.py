@@ -147,11 +147,12 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
             scores[label] = {}
             for e in env_ids:
                 seeds = per_env.get(e, {})
+                order = sorted(seeds)
                 entry = {}
                 for what in ("final", "best"):
-                    raw = [seeds[s][what] for s in sorted(seeds)]
+                    raw = [seeds[s][what] for s in order]
                     norm = [normalize(x, rand[e], ref[e]) for x in raw]
-                    entry[what] = {"returns": raw, "seeds": sorted(seeds), "normalized": norm,
+                    entry[what] = {"returns": raw, "seeds": order, "normalized": norm,
                                    "normalized_mean_std": _mean_std(norm)[:2],
                                    "return_mean_std": _mean_std(raw)[:2]}
                 scores[label][e] = entry

@@ -222,8 +222,9 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *,
     try:
         for i, run in enumerate(todo, 1):
             prefix = f"[{i}/{len(todo)} {run.phase} seed{run.seed} {run.config.name}]"
-            twin = twins.get(run_dir(run.config))
-            if twin is not None and latest_checkpoint(run_dir(run.config).absolute()) is None:
+            directory = run_dir(run.config)
+            twin = twins.get(directory)
+            if twin is not None and latest_checkpoint(directory.absolute()) is None:
                 reuse_run(run, run_dir(twin.config).absolute(), out.parent)
                 say(f"{prefix} reused the records of {twin.config.name}, its twin (the same "
                     "config but for the name); its transfer runs start from that one's weights")
