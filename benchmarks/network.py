@@ -15,7 +15,11 @@ and 256 (paper layer counts, separate actor and critic, dropout 0.1 in training 
   MFU = FLOPs/sample × samples/s ÷ the 2048² fp32 matmul rate measured in the same process.
 
 Each configuration runs in its own subprocess (so its peak RSS is its own). Results go to
-``results/network.md``, ``results/network.json`` and ``results/network.png``.
+``results/network.md``, ``results/network.json`` and ``results/network.png``. Every full run is
+also appended to ``results/network_runs.json`` (CPU, commit, matmul rate, each row's figures), and
+network.md checks issue 2's targets on each CPU at the median of that CPU's recorded runs: MFU is a
+ratio to the machine's own matmul rate, so a CPU whose big products are relatively faster than its
+memory-bound work (the 375 GFLOP/s Xeon) gives a lower MFU than one where they are not.
 
     python benchmarks/network.py                 # full table (~15 min on 2 cores)
     python benchmarks/network.py --quick         # d_model 64 only, shorter timings
@@ -47,6 +51,16 @@ PAPER = {
 }
 # The fp32 matmul rate of the machine the PAPER figures were measured on (issue 2).
 PAPER_MACHINE_GFLOPS = 82
+# Issue 2's targets: (what, d_model, env, key, bound, "≥" or "≤").
+TARGETS = [
+    *[("MFU", 256, env, "mfu", 0.6, "≥") for env in ("CartPole", "HalfCheetah", "Humanoid")],
+    *[("train samples/s", 64, env, "train_samples_per_s", bound, "≥")
+      for env, bound in (("CartPole", 8500), ("HalfCheetah", 2200), ("Humanoid", 60))],
+    *[("act ms, batch 8", 64, env, "act_ms_b8", bound, "≤")
+      for env, bound in (("CartPole", 3), ("HalfCheetah", 5), ("Humanoid", 60))],
+    ("peak RSS GB", 256, "Humanoid", "peak_rss_gb", 6, "≤"),
+]
+RUNS = RESULTS / "network_runs.json"
 # Paper Fig. 2's 16 environments (obs, action) for parameter counts; gymnasium v4/v3 shapes.
 MIX16 = [
     ("Acrobot-v1", 6, "discrete", 3), ("BipedalWalker-v3", 24, "continuous", 4),
@@ -212,12 +226,98 @@ def param_counts() -> dict:
     return out
 
 
-def write_results(rows: list[dict], params: dict, load: tuple[float, float, float]) -> None:
+ROW_KEYS = ("d_model", "env", "train_samples_per_s", "mfu", "act_ms_b8", "act_ms_b64",
+            "peak_rss_gb")
+
+
+def checkout_commit() -> str:
+    """The measured code's commit (``-dirty`` when tracked files differ from it), or "unknown"."""
+    out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def record_run(rows: list[dict], load: tuple[float, float, float]) -> list[dict]:
+    """Append this full run to ``network_runs.json`` (written atomically); all recorded runs."""
+    runs = json.loads(RUNS.read_text()) if RUNS.exists() else []
+    runs.append({
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": checkout_commit(),
+        "cpu": rows[0]["cpu"],
+        "cpu_capability": rows[0]["cpu_capability"],
+        "threads": rows[0]["threads"],
+        "matmul_gflops": sum(r["matmul_gflops"] for r in rows) / len(rows),
+        "load_average": load[0],
+        "rows": [{k: r[k] for k in ROW_KEYS} for r in rows],
+    })
+    tmp = RUNS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=1) + "\n")
+    os.replace(tmp, RUNS)
+    return runs
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _short(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def runs_section(runs: list[dict]) -> list[str]:
+    """Markdown: every recorded full run, and issue 2's targets per CPU at its runs' median."""
+    if not runs:
+        return []
+
+    def value(run: dict, d_model: int, env: str, key: str) -> float | None:
+        return next((r[key] for r in run["rows"] if r["d_model"] == d_model and r["env"] == env),
+                    None)
+
+    envs = list(ENVS)
+    lines = ["", "## Recorded full runs (`results/network_runs.json`)", "",
+             "| date | commit | CPU | matmul GFLOP/s | MFU d256 " + " / ".join(envs)
+             + " | samples/s d64 " + " / ".join(envs) + " | act ms b8 d64 " + " / ".join(envs)
+             + " |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        cells = []
+        for d_model, key, fmt in ((256, "mfu", "{:.3f}"), (64, "train_samples_per_s", "{:,.0f}"),
+                                  (64, "act_ms_b8", "{:.2f}")):
+            vals = [value(run, d_model, env, key) for env in envs]
+            cells.append(" / ".join("–" if v is None else fmt.format(v) for v in vals))
+        lines.append(f"| {run['date']} | {run['commit']} | {run['cpu']} "
+                     f"| {run['matmul_gflops']:.0f} | " + " | ".join(cells) + " |")
+
+    cpus = list(dict.fromkeys(run["cpu"] for run in runs))
+    lines += ["", "Issue 2's targets on each CPU, at the median of its recorded runs (✓ met, "
+              "✗ not; in brackets the runs' range):", "",
+              "| target | " + " | ".join(
+                  f"{cpu} (runs: {sum(r['cpu'] == cpu for r in runs)})" for cpu in cpus) + " |",
+              "|---|" + "---|" * len(cpus)]
+    for what, d_model, env, key, bound, op in TARGETS:
+        cells = []
+        for cpu in cpus:
+            vals = [v for run in runs if run["cpu"] == cpu
+                    if (v := value(run, d_model, env, key)) is not None]
+            if not vals:
+                cells.append("–")
+                continue
+            med = _median(vals)
+            ok = med >= bound if op == "≥" else med <= bound
+            spread = f" ({_short(min(vals))}–{_short(max(vals))})" if len(vals) > 1 else ""
+            cells.append(f"{'✓' if ok else '✗'} {_short(med)}{spread}")
+        lines.append(f"| {what}, d_model {d_model}, {env} {op} {bound} | " + " | ".join(cells)
+                     + " |")
+    return lines
+
+
+def write_results(rows: list[dict], params: dict, load: tuple[float, float, float],
+                  runs: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     rate = sum(r["matmul_gflops"] for r in rows) / len(rows)
     (RESULTS / "network.json").write_text(json.dumps({
-        "rows": [{k: r[k] for k in ("d_model", "env", "train_samples_per_s", "mfu", "act_ms_b8",
-                                     "act_ms_b64", "peak_rss_gb")} for r in rows],
+        "rows": [{k: r[k] for k in ROW_KEYS} for r in rows],
         "params": params,
         "matmul_gflops": rate,
         "details": rows,
@@ -257,8 +357,9 @@ def write_results(rows: list[dict], params: dict, load: tuple[float, float, floa
               "", "| agent | 1 env | 8 envs | 16 envs |", "|---|---|---|---|"]
     for kind, counts in params.items():
         lines.append(f"| {kind} | {counts['1']:,} | {counts['8']:,} | {counts['16']:,} |")
+    lines += runs_section(runs)
     lines += ["", "Reproduce: `python benchmarks/network.py` (writes this file, network.json and "
-              "network.png)."]
+              "network.png, and appends a full run to network_runs.json)."]
     (RESULTS / "network.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -317,7 +418,11 @@ def main() -> None:
     params = param_counts()
     for kind, counts in params.items():
         print(f"params {kind:<9} 1: {counts['1']:>10,}  8: {counts['8']:>10,}  16: {counts['16']:>10,}")
-    write_results(rows, params, load)
+    if args.quick:  # not recorded: it times d_model 64 alone, in shorter windows
+        runs = json.loads(RUNS.read_text()) if RUNS.exists() else []
+    else:
+        runs = record_run(rows, load)
+    write_results(rows, params, load, runs)
     print(f"wrote {RESULTS / 'network.md'}, network.json, network.png")
 
 
