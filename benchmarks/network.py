@@ -231,10 +231,18 @@ ROW_KEYS = ("d_model", "env", "train_samples_per_s", "mfu", "act_ms_b8", "act_ms
 
 
 def checkout_commit() -> str:
-    """The measured code's commit (``-dirty`` when tracked files differ from it), or "unknown"."""
-    out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True, check=False)
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    """The measured code's commit, ``-dirty`` when tracked files outside results/ differ from it
+    (results/ changes with every run); "unknown" outside a git checkout."""
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                             check=False)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return commit + ("-dirty" if changed else "")
 
 
 def record_run(rows: list[dict], load: tuple[float, float, float]) -> list[dict]:
