@@ -161,7 +161,8 @@ def collect(exp: Experiment, out: Path) -> dict[str, Any]:
         for label in labels:
             per_seed = defaultdict(list)
             for e in env_ids:
-                for s, x in zip(sorted(table[label].get(e, {})), scores[label][e]["final"]["normalized"]):
+                final = scores[label][e]["final"]
+                for s, x in zip(final["seeds"], final["normalized"]):
                     if x is not None:
                         per_seed[s].append(x)
             seed_means = [float(np.mean(v)) for v in per_seed.values() if v]
