@@ -61,6 +61,9 @@ TARGETS = [
     ("peak RSS GB", 256, "Humanoid", "peak_rss_gb", 6, "≤"),
 ]
 RUNS = RESULTS / "network_runs.json"
+# The figures of a row that network.json's "rows" and network_runs.json keep.
+ROW_KEYS = ("d_model", "env", "train_samples_per_s", "mfu", "act_ms_b8", "act_ms_b64",
+            "peak_rss_gb")
 # Paper Fig. 2's 16 environments (obs, action) for parameter counts; gymnasium v4/v3 shapes.
 MIX16 = [
     ("Acrobot-v1", 6, "discrete", 3), ("BipedalWalker-v3", 24, "continuous", 4),
@@ -224,10 +227,6 @@ def param_counts() -> dict:
             net = build_actor_critic(kind, cfg, specs[:n])
             out[kind][str(n)] = sum(p.numel() for p in net.parameters())
     return out
-
-
-ROW_KEYS = ("d_model", "env", "train_samples_per_s", "mfu", "act_ms_b8", "act_ms_b64",
-            "peak_rss_gb")
 
 
 def checkout_commit() -> str:

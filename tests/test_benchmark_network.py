@@ -43,8 +43,8 @@ def test_full_runs_are_recorded_and_targets_checked_per_cpu_at_the_median(tmp_pa
     bench = _load_benchmark()
     monkeypatch.setattr(bench, "RUNS", tmp_path / "network_runs.json")
     envs = list(bench.ENVS)
-    for cartpole_mfu in (0.55, 0.62, 0.70):  # median 0.62: met, though one run is below
-        runs = bench.record_run([_row(256, env, cartpole_mfu) for env in envs]
+    for mfu in (0.55, 0.62, 0.70):  # median 0.62: met, though one run is below
+        runs = bench.record_run([_row(256, env, mfu) for env in envs]
                                 + [_row(64, env, 0.3) for env in envs], (1.0, 1.0, 1.0))
     other = [dict(_row(256, env, 0.5), cpu="cpu-b") for env in envs]
     runs = bench.record_run(other, (0.5, 0.5, 0.5))
