@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -244,16 +245,26 @@ def checkout_commit() -> str:
     return commit + ("-dirty" if changed else "")
 
 
+def recorded_runs() -> list[dict]:
+    """The full runs in ``network_runs.json`` (none before the first)."""
+    return json.loads(RUNS.read_text()) if RUNS.exists() else []
+
+
+def mean_matmul_rate(rows: list[dict]) -> float:
+    """GFLOP/s: the mean of the rows' own matmul rates (each measured beside its row)."""
+    return sum(r["matmul_gflops"] for r in rows) / len(rows)
+
+
 def record_run(rows: list[dict], load: tuple[float, float, float]) -> list[dict]:
     """Append this full run to ``network_runs.json`` (written atomically); all recorded runs."""
-    runs = json.loads(RUNS.read_text()) if RUNS.exists() else []
+    runs = recorded_runs()
     runs.append({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": checkout_commit(),
         "cpu": rows[0]["cpu"],
         "cpu_capability": rows[0]["cpu_capability"],
         "threads": rows[0]["threads"],
-        "matmul_gflops": sum(r["matmul_gflops"] for r in rows) / len(rows),
+        "matmul_gflops": mean_matmul_rate(rows),
         "load_average": load[0],
         "rows": [{k: r[k] for k in ROW_KEYS} for r in rows],
     })
@@ -261,12 +272,6 @@ def record_run(rows: list[dict], load: tuple[float, float, float]) -> list[dict]
     tmp.write_text(json.dumps(runs, indent=1) + "\n")
     os.replace(tmp, RUNS)
     return runs
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def _short(v: float) -> str:
@@ -310,7 +315,7 @@ def runs_section(runs: list[dict]) -> list[str]:
             if not vals:
                 cells.append("–")
                 continue
-            med = _median(vals)
+            med = statistics.median(vals)
             ok = med >= bound if op == "≥" else med <= bound
             spread = f" ({_short(min(vals))}–{_short(max(vals))})" if len(vals) > 1 else ""
             cells.append(f"{'✓' if ok else '✗'} {_short(med)}{spread}")
@@ -322,7 +327,7 @@ def runs_section(runs: list[dict]) -> list[str]:
 def write_results(rows: list[dict], params: dict, load: tuple[float, float, float],
                   runs: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    rate = sum(r["matmul_gflops"] for r in rows) / len(rows)
+    rate = mean_matmul_rate(rows)
     (RESULTS / "network.json").write_text(json.dumps({
         "rows": [{k: r[k] for k in ROW_KEYS} for r in rows],
         "params": params,
@@ -426,7 +431,7 @@ def main() -> None:
     for kind, counts in params.items():
         print(f"params {kind:<9} 1: {counts['1']:>10,}  8: {counts['8']:>10,}  16: {counts['16']:>10,}")
     if args.quick:  # not recorded: it times d_model 64 alone, in shorter windows
-        runs = json.loads(RUNS.read_text()) if RUNS.exists() else []
+        runs = recorded_runs()
     else:
         runs = record_run(rows, load)
     write_results(rows, params, load, runs)
