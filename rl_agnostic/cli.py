@@ -317,18 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser(
         "experiment", help="run one of the paper's experiments (tables and plots)",
         description="Run an experiment of tune_configs/experiments/ (mix_to_mix, ablation, "
-                    "mix16, classic_to_mujoco, mujoco_to_classic) or an experiment YAML: every "
-                    "run of every seed, then results/<name>/results.md, results.json and one "
-                    "PNG per phase. Started again, it skips finished runs and resumes the "
-                    "unfinished one; a run another experiment already finished with the same "
-                    "config (e.g. a single-env reference) is copied, not trained again, and so "
-                    "is a pretraining run of two agents that differ only in how they transfer.")
+                    "mix16, classic_to_mujoco, mujoco_to_classic, offline_table1) or an "
+                    "experiment YAML: every run of every seed, then results/<name>/results.md, "
+                    "results.json and PNG plots. Started again, it skips finished runs and "
+                    "resumes the unfinished one; a run another experiment already finished "
+                    "with the same config (e.g. a single-env reference) is copied, not trained "
+                    "again, and so is a pretraining run of two agents that differ only in how "
+                    "they transfer. An offline experiment (offline_table1) first makes its "
+                    "datasets, or reads those it cannot make from --data-dir.")
     exp.add_argument("experiment", metavar="NAME|FILE.yaml")
     exp.add_argument("--scale", default="cpu", help="paper | cpu | tiny (default: %(default)s)")
     exp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                      help="seeds to run (default: the scale's)")
     exp.add_argument("--env-steps", type=_positive_int, default=None, metavar="N",
                      help="env steps per env type and run (default: the scale's)")
+    exp.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                     help="gradient steps per run of an offline experiment (default: the "
+                          "scale's)")
+    exp.add_argument("--data-dir", default=None, metavar="DIR",
+                     help="an offline experiment's datasets: the files it reads and those it "
+                          "makes (default: the scale's data_dir, else <out>/data)")
     exp.add_argument("--out", default=None, metavar="DIR",
                      help="results directory (default: results/<name>)")
     exp.add_argument("--report-only", action="store_true",
@@ -445,14 +453,27 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_experiment_command(args: argparse.Namespace) -> None:
-    from rl_agnostic.experiments import load_experiment, run_experiment, write_report
+    from rl_agnostic.experiments import (OfflineExperiment, load_experiment, run_experiment,
+                                         run_offline_experiment, write_offline_report,
+                                         write_report)
+    from rl_agnostic.offline.data import DatasetError
     from rl_agnostic.online.config import ConfigError
 
     try:
-        exp = load_experiment(args.experiment, args.scale, args.seeds, args.env_steps)
+        exp = load_experiment(args.experiment, args.scale, args.seeds, args.env_steps,
+                              steps=args.steps, data_dir=args.data_dir)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     out = Path(args.out or Path("results") / exp.name)
+    if isinstance(exp, OfflineExperiment):
+        try:
+            if args.report_only:
+                write_offline_report(exp, out)
+            else:
+                run_offline_experiment(exp, out)
+        except (ConfigError, DatasetError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from None
+        return
     if args.report_only:
         if not (out / "random.json").is_file():
             raise CliError(f"--report-only: {out} holds no experiment results")

@@ -730,7 +730,7 @@ def test_cli_reports_bad_offline_input_in_one_line(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("name", ["offline_quickstart.yaml", "offline_cpu.yaml"])
+@pytest.mark.parametrize("name", ["offline_quickstart.yaml"])
 def test_offline_configs_in_tune_configs_load(name):
     from pathlib import Path
 

@@ -22,11 +22,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rl_agnostic.configs import check_keys, read_yaml_mapping
 from rl_agnostic.nn.config import ConfigError
 from rl_agnostic.online.config import EnvEntry, TrainConfig, parse_envs
+
+if TYPE_CHECKING:
+    from rl_agnostic.experiments.offline import OfflineExperiment
 
 __all__ = ["EXPERIMENTS_DIR", "Experiment", "Phase", "Run", "experiment_path", "load_experiment"]
 
@@ -197,16 +200,32 @@ def experiment_path(name_or_path: str | Path) -> Path:
 
 def load_experiment(name_or_path: str | Path, scale: str = "cpu",
                     seeds: list[int] | None = None,
-                    env_steps_per_env: int | None = None) -> Experiment:
+                    env_steps_per_env: int | None = None, *, steps: int | None = None,
+                    data_dir: str | None = None) -> Experiment | OfflineExperiment:
     """Load and validate an experiment at ``scale``; ``seeds``/``env_steps_per_env`` override the
-    scale's."""
+    scale's. A ``kind: offline`` file is an `OfflineExperiment`, whose runs' gradient ``steps``
+    and ``data_dir`` may be overridden instead of the env steps."""
     path = experiment_path(name_or_path)
     source = str(path)
     values = read_yaml_mapping(path)
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: must be a mapping")
-    check_keys(values, ["name", "description", "phases", "agents", "reference", "primary",
-                        "scales", "random_episodes", "final_fraction", "share_runs_with"], source)
+    kind = values.get("kind", "online")
+    if kind not in ("online", "offline"):
+        raise ConfigError(f"{source}: kind must be online or offline, got {kind!r}")
+    if kind == "offline":
+        if env_steps_per_env is not None:
+            raise ConfigError(f"{source}: an offline experiment trains gradient steps, not env "
+                              "steps (--steps, not --env-steps)")
+        from rl_agnostic.experiments.offline import load_offline_experiment
+
+        return load_offline_experiment(values, source, scale, seeds, steps, data_dir)
+    if steps is not None or data_dir is not None:
+        raise ConfigError(f"{source}: --steps and --data-dir are for offline experiments; an "
+                          "online one takes --env-steps")
+    check_keys(values, ["name", "kind", "description", "phases", "agents", "reference",
+                        "primary", "scales", "random_episodes", "final_fraction",
+                        "share_runs_with"], source)
     for key in ("name", "phases", "agents", "scales"):
         if key not in values:
             raise ConfigError(f"{source}: missing required key {key!r}")
