@@ -109,7 +109,8 @@ def measure(cfg: NetworkConfig, specs: list[EnvSpec], rows: int, rounds: int,
     }
 
 
-# tune_configs/offline_cpu.yaml: 6 datasets over 2 workers, 3 whole datasets each
+# offline_table1's cpu scale (tune_configs/experiments/): 6 datasets over 2 workers, 3 whole
+# datasets each
 IQL_WORKERS = {
     "DD-IQL worker 0": [_c("InvertedPendulum-v5", 4, 1), _c("Hopper-v5", 11, 3),
                         _c("Hopper-v5 (medium-expert)", 11, 3)],
@@ -203,7 +204,7 @@ def write(rows: list[dict], iql_rows: list[dict], meta: dict) -> None:
         "",
         (f"{iql_rows[0]['network']}, batch {iql_rows[0]['rows_per_env']} per dataset: target "
          "Q, V(s'), V, twin Q and π of every held dataset, backward, Adam, Polyak update "
-         "(tune_configs/offline_cpu.yaml's split of 6 datasets over 2 workers)."),
+         "(offline_table1's cpu-scale split of 6 datasets over 2 workers)."),
         "",
         "| worker's datasets | ms/step, one dataset at a time | ms/step, packed | speed-up |",
         "|---|---|---|---|",
