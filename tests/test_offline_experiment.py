@@ -5,6 +5,7 @@ and DD-IQL runs on a real local Ray, the report)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_offline_overrides_and_wrong_step_flags():
     (("primary: dd-iql", "primary: iql"), "primary must name an agent trained on all"),
     (("resources: {num_workers: 2}", "resources: {num_workerz: 2}"), "num_workerz"),
     (("name: hopper-expert,", "name: invpend-expert,"), "names must be unique"),
-    (("seeds: [0]\n    # env", "seeds: [0]\n    datadir: x\n    # env"), "datadir"),
+    (("seeds: [0, 1]\n    # env", "seeds: [0, 1]\n    datadir: x\n    # env"), "datadir"),
 ])
 def test_bad_offline_experiment_files_fail_at_load(tmp_path, change, message):
     text = TABLE1.read_text()
@@ -135,6 +136,12 @@ def test_restarting_trains_nothing_and_the_report_can_be_rewritten(tiny_table1):
     (out / "results.md").unlink()
     write_offline_report(load_experiment("offline_table1", "tiny"), out, say=lambda _: None)
     assert (out / "results.md").is_file()
+    # results moved elsewhere (a clone, another disk) are still this experiment's finished runs
+    moved = out.parent / "moved"
+    shutil.copytree(out, moved)
+    lines = []
+    run_offline_experiment(load_experiment("offline_table1", "tiny"), moved, log=lines.append)
+    assert any("3 already done" in line for line in lines)
 
 
 def test_a_run_directory_with_another_config_is_refused(tiny_table1):

@@ -301,8 +301,10 @@ def _check_run_dir(run: OfflineRun) -> None:
     if not path.is_file():
         return
     saved, wanted = yaml.safe_load(path.read_text()), run.config.to_dict()
-    for values in (saved, wanted):
+    for values in (saved, wanted):  # the results and data directories may have moved since
         values.get("run", {}).pop("output_dir", None)
+        for entry in values.get("datasets") or []:
+            entry["path"] = Path(entry["path"]).name
     if saved != wanted:
         raise ConfigError(f"{run.directory} holds a run with a different config; remove that "
                           "directory or give the experiment another --out")
@@ -315,6 +317,7 @@ def run_offline_experiment(exp: OfflineExperiment, out_dir: str | Path, *,
 
     from rl_agnostic.distributed import init_ray
     from rl_agnostic.offline.trainer import train_offline
+    from rl_agnostic.online.trainer import atomic_write_text
 
     say = log or (lambda text: print(text, flush=True))
     out = Path(out_dir).absolute()
@@ -340,7 +343,7 @@ def run_offline_experiment(exp: OfflineExperiment, out_dir: str | Path, *,
                     "num_parameters": final.get("num_parameters"),
                     "final": {k: v for k, v in final.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-            (run.directory / DONE_FILE).write_text(json.dumps(done, indent=2))
+            atomic_write_text(run.directory / DONE_FILE, json.dumps(done, indent=2))
             say(f"{prefix} done in {done['wall_s'] / 60:.1f} min ("
                 f"{(time.perf_counter() - t_start) / 60:.1f} min since start, "
                 f"{len(todo) - i} left)")

@@ -13,6 +13,9 @@ the normalized score) and never transfer. ``scales`` hold the budget and the sha
 
 Everything is validated when the file is loaded: every run's `TrainConfig` is built (unknown keys,
 bad values) and every env id is checked, so a typo fails before the first run starts.
+
+A file with ``kind: offline`` (paper Table 1) holds datasets and offline agents instead of phases;
+`load_experiment` hands it to `rl_agnostic.experiments.offline`.
 """
 
 from __future__ import annotations
