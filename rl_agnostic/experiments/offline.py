@@ -33,6 +33,7 @@ import yaml
 
 from rl_agnostic.configs import check_keys
 from rl_agnostic.experiments.report import _command_target
+from rl_agnostic.experiments.run import DONE_FILE
 from rl_agnostic.experiments.spec import _merge
 from rl_agnostic.nn.config import ConfigError
 from rl_agnostic.offline.config import OfflineConfig
@@ -42,7 +43,6 @@ __all__ = ["OfflineExperiment", "load_offline_experiment", "run_offline_experime
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXPERT_CONFIG = ROOT / "tune_configs" / "offline_experts.yaml"
-DONE_FILE = "done.json"
 POLICY_KINDS = ("expert", "medium", "random")
 COLLECT_DEFAULTS = {"seed": 0, "random_episodes": 50, "action_noise": 0.1, "medium_fraction": 0.3}
 
