@@ -59,6 +59,9 @@ def test_offline_overrides_and_wrong_step_flags():
     (("resources: {num_workers: 2}", "resources: {num_workerz: 2}"), "num_workerz"),
     (("name: hopper-expert,", "name: invpend-expert,"), "names must be unique"),
     (("seeds: [0, 1]\n    # env", "seeds: [0, 1]\n    datadir: x\n    # env"), "datadir"),
+    (("Hopper-v5: 400000", "Hopper-v5: lots"), "positive PPO env-step budgets"),
+    (("seeds: [0, 1]\n    # env", "seeds: [0, 1]\n    expert_config: nope.yaml\n    # env"),
+     "nope.yaml does not exist"),
 ])
 def test_bad_offline_experiment_files_fail_at_load(tmp_path, change, message):
     text = TABLE1.read_text()

@@ -164,8 +164,15 @@ def load_offline_experiment(values: dict, source: str, scale: str,
                           f"once (model kind agnostic or specific), got {primary!r}")
     collect = {**COLLECT_DEFAULTS, **(sc.get("collect") or {})}
     check_keys(collect, list(COLLECT_DEFAULTS), f"{where}.collect")
-    experts = {str(k): int(v) for k, v in (sc.get("experts") or {}).items()}
+    experts = sc.get("experts") or {}
+    if not isinstance(experts, dict) or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in experts.values()):
+        raise ConfigError(f"{where}.experts must map env ids to positive PPO env-step budgets, "
+                          f"got {experts!r}")
     datasets = _parse_datasets(sc.get("datasets"), experts, where)
+    expert_config = Path(sc.get("expert_config") or DEFAULT_EXPERT_CONFIG)
+    if experts and not expert_config.is_file():
+        raise ConfigError(f"{where}.expert_config: {expert_config} does not exist")
     exp = OfflineExperiment(
         name=str(values.get("name", Path(source).stem)),
         description=str(values.get("description", "")).strip(), scale=scale,
@@ -173,7 +180,7 @@ def load_offline_experiment(values: dict, source: str, scale: str,
         note=str(sc.get("note", "")).strip(), agents=agents, reference=reference,
         primary=primary, datasets=datasets, offline=sc.get("offline") or {},
         data_dir=data_dir or sc.get("data_dir"), experts=experts,
-        expert_config=str(sc.get("expert_config") or DEFAULT_EXPERT_CONFIG),
+        expert_config=str(expert_config),
         collect=collect, source=source, steps=steps)
     if not exp.seeds:
         raise ConfigError(f"{source}: no seeds")
@@ -483,7 +490,7 @@ def write_markdown(exp: OfflineExperiment, res: dict, path: Path) -> None:
             f"{a} " + ", ".join(f"seed {s} {v:.1f}" for s, v in per.items())
             for a, per in res["mean_normalized_per_seed"].items()) + ".")
     ids = {n: res["dataset_info"][n].get("env_id") for n in res["datasets"]}
-    shared = {e for e in ids.values() if list(ids.values()).count(e) > 1}
+    shared = {e for e in ids.values() if e and list(ids.values()).count(e) > 1}
     if shared:
         lines.append(f"- Datasets of one env ({', '.join(sorted(shared))}) share that env's "
                      f"task context, so {pri} has one policy for them, trained on all of "
