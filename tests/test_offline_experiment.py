@@ -105,7 +105,7 @@ def tiny_table1(tmp_path_factory):
 
 def test_tiny_offline_table1_makes_datasets_trains_and_reports(tiny_table1):
     out, result, lines = tiny_table1
-    for name in ("results.md", "results.json", "curves.png", "config.yaml"):
+    for name in ("results.md", "results.json", "curves.png", "config.yaml", "datasets.json"):
         assert (out / name).stat().st_size > 0, name
     # the behaviour policy was trained and the datasets collected with it and at random
     assert any("training the CartPole-v1 behaviour policy" in line for line in lines)
@@ -145,6 +145,9 @@ def test_restarting_trains_nothing_and_the_report_can_be_rewritten(tiny_table1):
     lines = []
     run_offline_experiment(load_experiment("offline_table1", "tiny"), moved, log=lines.append)
     assert any("3 already done" in line for line in lines)
+    shutil.rmtree(moved / "data")  # like a clone: the records are committed, the data is not
+    write_offline_report(load_experiment("offline_table1", "tiny"), moved, say=lambda _: None)
+    assert (moved / "results.md").read_text() == (out / "results.md").read_text()
 
 
 def test_a_run_directory_with_another_config_is_refused(tiny_table1):

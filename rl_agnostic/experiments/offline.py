@@ -12,7 +12,7 @@ with fixed seeds. Datasets are made once and reused, and shared by every seed (l
 Agents of model kind ``single`` train one run per dataset, the others one run over all datasets;
 runs live in ``<out>/runs/seed<k>/<run name>/`` and leave ``done.json`` when finished, so a
 second start skips them and resumes an unfinished one from its checkpoint. The report
-(``results.md``, ``results.json``, ``curves.png``, ``config.yaml``) gives the final and best
+(``results.md``, ``results.json``, ``curves.png``, ``config.yaml``, ``datasets.json``) gives the final and best
 normalized score per dataset and agent (mean ± std over seeds), the ratio of the primary agent's
 mean to the reference agent's (the paper's 89 %), parameter counts, wall time and the primary
 agent's data-wait fraction and gradient steps/s.
@@ -44,6 +44,7 @@ __all__ = ["OfflineExperiment", "load_offline_experiment", "run_offline_experime
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXPERT_CONFIG = ROOT / "tune_configs" / "offline_experts.yaml"
 POLICY_KINDS = ("expert", "medium", "random")
+DATASETS_FILE = "datasets.json"
 COLLECT_DEFAULTS = {"seed": 0, "random_episodes": 50, "action_noise": 0.1, "medium_fraction": 0.3}
 
 
@@ -428,15 +429,22 @@ def collect_results(exp: OfflineExperiment, out: Path) -> dict[str, Any]:
         "perf": {str(s): v for s, v in perf.items()},
         "curves": {a: {n: {str(s): c for s, c in per.items()} for n, per in cs.items()}
                    for a, cs in curves.items()},
-        "dataset_info": _dataset_info(exp, exp.data_path(out)),
+        "dataset_info": _dataset_info(exp, exp.data_path(out), out),
     }
 
 
-def _dataset_info(exp: OfflineExperiment, data_dir: Path) -> dict[str, dict]:
+def _dataset_info(exp: OfflineExperiment, data_dir: Path, out: Path) -> dict[str, dict]:
+    """What the report says of each dataset. A collected dataset's summary comes from the data
+    directory or, when that is gone (the data is not committed: a fresh clone), from the results'
+    `DATASETS_FILE`, which keeps it."""
+    kept_file = out / DATASETS_FILE
+    kept = json.loads(kept_file.read_text()) if kept_file.is_file() else {}
     info = {}
     for d in exp.datasets:
         path = data_dir / f"{d['name']}.json"
-        if "collect" in d and path.is_file():
+        if "collect" in d and not path.is_file() and "transitions" in kept.get(d["name"], {}):
+            info[d["name"]] = kept[d["name"]]
+        elif "collect" in d and path.is_file():
             s = json.loads(path.read_text())
             info[d["name"]] = {"env_id": s["env_id"], "transitions": s["transitions"],
                                "random_return": s["random_return_mean"],
@@ -603,6 +611,7 @@ def write_offline_report(exp: OfflineExperiment, out: str | Path,
         raise FileNotFoundError(f"{out} holds no finished run of {exp.name} ({exp.scale} scale)")
     (out / "config.yaml").write_text(yaml.safe_dump(exp.resolved(), sort_keys=False))
     (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / DATASETS_FILE).write_text(json.dumps(res["dataset_info"], indent=1))
     write_markdown(exp, res, out / "results.md")
     plot(res, out / "curves.png")
     say(f"report: {out / 'results.md'}; mean normalized score " + ", ".join(
