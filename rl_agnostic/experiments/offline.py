@@ -122,9 +122,15 @@ class OfflineExperiment:
                 "scale": self.scale, "seeds": list(self.seeds), "note": self.note,
                 "agents": self.agents, "reference": self.reference, "primary": self.primary,
                 "data_dir": self.data_dir, "datasets": list(self.datasets),
-                "experts": self.experts, "expert_config": self.expert_config,
+                "experts": self.experts, "expert_config": _repo_relative(self.expert_config),
                 "collect": self.collect, "offline": self.offline,
                 **({"steps": self.steps} if self.steps else {})}
+
+
+def _repo_relative(path: str) -> str:
+    """``path`` relative to the repository when inside it: results name no machine's paths."""
+    p = Path(path).absolute()
+    return str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
 
 
 def load_offline_experiment(values: dict, source: str, scale: str,
