@@ -155,3 +155,22 @@ def test_a_run_directory_with_another_config_is_refused(tiny_table1):
     with pytest.raises(ConfigError, match="holds a run with a different config"):
         run_offline_experiment(load_experiment("offline_table1", "tiny", steps=30), out,
                                log=lambda _: None)
+
+
+def test_an_unfinished_behaviour_policy_resumes_and_a_missing_dataset_is_made_again(
+        tiny_table1, tmp_path):
+    from rl_agnostic.experiments.offline import make_datasets
+
+    out, _, _ = tiny_table1
+    data = tmp_path / "data"
+    shutil.copytree(out / "data", data)
+    (data / "cartpole-expert.parquet").unlink()
+    (data / "experts" / "CartPole-v1" / "done.json").unlink()  # as if stopped mid-run
+    lines: list[str] = []
+    summaries = make_datasets(load_experiment("offline_table1", "tiny"), data, lines.append)
+    assert any("resuming the CartPole-v1 behaviour policy" in line for line in lines)
+    assert (data / "cartpole-expert.parquet").is_file()
+    assert (data / "experts" / "CartPole-v1" / "done.json").is_file()
+    # the same policy checkpoint and seed collect the same data
+    before = json.loads((out / "data" / "cartpole-expert.json").read_text())
+    assert summaries["cartpole-expert"]["transitions"] == before["transitions"]

@@ -146,6 +146,12 @@ def test_checkpoint_resume_continues_step_count_and_evaluate_loads_it(local_ray,
     for env_id, steps in saved.env_steps.items():
         # continues from the saved count: one more iteration of 2 copies × 32 steps (+ a few)
         assert steps + 64 <= nxt.env_steps[env_id] <= steps + 80
+    # resumed at its budget (a finished run), it trains nothing more
+    finished = OnlineTrainer(cfg, resume=True, stop_env_steps=min(nxt.env_steps.values()))
+    try:
+        assert list(finished.iterate()) == []
+    finally:
+        finished.stop()
 
     from rl_agnostic.cli import main
 

@@ -10,12 +10,12 @@ with ``expert_config`` for the scale's ``experts`` budgets ("expert" = the last 
 with fixed seeds. Datasets are made once and reused, and shared by every seed (like D4RL's).
 
 Agents of model kind ``single`` train one run per dataset, the others one run over all datasets;
-runs live in ``<out>/runs/seed<k>/<run name>/`` and leave ``done.json`` when finished, so a
-second start skips them and resumes an unfinished one from its checkpoint. The report
-(``results.md``, ``results.json``, ``curves.png``, ``config.yaml``, ``datasets.json``) gives the final and best
-normalized score per dataset and agent (mean ± std over seeds), the ratio of the primary agent's
-mean to the reference agent's (the paper's 89 %), parameter counts, wall time and the primary
-agent's data-wait fraction and gradient steps/s.
+runs live in ``<out>/runs/seed<k>/<run name>/`` and leave ``done.json`` when finished (so do
+the behaviour policies' runs), so a second start skips them and resumes an unfinished one from
+its checkpoint. The report (``results.md``, ``results.json``, ``curves.png``, ``config.yaml``,
+``datasets.json``) gives the final and best normalized score per dataset and agent (mean ± std
+over seeds), the ratio of the primary agent's mean to the reference agent's (the paper's 89 %),
+parameter counts, wall time and the primary agent's data-wait fraction and gradient steps/s.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def behaviour_policies(exp: OfflineExperiment, data_dir: Path,
     import ray
 
     from rl_agnostic.online.config import load_train_config
-    from rl_agnostic.online.trainer import OnlineTrainer, latest_checkpoint
+    from rl_agnostic.online.trainer import OnlineTrainer, atomic_write_text, latest_checkpoint
 
     base = load_train_config(exp.expert_config).replace(
         run={"output_dir": str(data_dir / "experts"), "seed": exp.collect["seed"]})
@@ -256,11 +256,12 @@ def behaviour_policies(exp: OfflineExperiment, data_dir: Path,
     for env_id in sorted(needed):
         steps = exp.experts[env_id]
         run = (data_dir / "experts" / env_id).absolute()
-        if latest_checkpoint(run) is None:
-            say(f"training the {env_id} behaviour policy ({steps:,} env steps, "
-                f"{exp.expert_config})")
+        if not (run / DONE_FILE).is_file():  # an interrupted one resumes from its checkpoint
+            resume = latest_checkpoint(run) is not None
+            say(f"{'resuming' if resume else 'training'} the {env_id} behaviour policy "
+                f"({steps:,} env steps, {exp.expert_config})")
             cfg = base.replace(name=env_id, envs=[env_id], run={"env_steps_per_env": steps})
-            trainer = OnlineTrainer(cfg, log=say)
+            trainer = OnlineTrainer(cfg, resume=resume, log=say)
             try:
                 for _ in trainer.iterate():
                     pass
@@ -268,6 +269,7 @@ def behaviour_policies(exp: OfflineExperiment, data_dir: Path,
                 trainer.stop()
                 if started_ray:
                     ray.shutdown()
+            atomic_write_text(run / DONE_FILE, json.dumps({"env_steps_per_env": steps}))
         ckpts = sorted(p for p in (run / "checkpoints").glob("ckpt_*") if p.is_dir())
         policies[env_id] = {"expert": latest_checkpoint(run),
                             "medium": ckpts[int(exp.collect["medium_fraction"]

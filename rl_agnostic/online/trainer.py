@@ -133,6 +133,7 @@ class OnlineTrainer:
             algo_config = customize(algo_config)
         self.algo = algo_config.build_algo()
         self.iteration = 0
+        self._restored_env_steps: dict[str, int] = {}
         self._num_params: int | None = None
         from tensorboardX import SummaryWriter  # a dependency of ray[tune]
 
@@ -144,6 +145,7 @@ class OnlineTrainer:
             self.algo.restore_from_path(resume_from / "algorithm")
             meta = json.loads((resume_from / "trainer.json").read_text())
             self.iteration = meta["iteration"]
+            self._restored_env_steps = meta["env_steps"]
             self.log(f"resumed from {resume_from} at iteration {self.iteration}, "
                      f"{sum(meta['env_steps'].values()):,} env steps")
         elif init_policy is not None:
@@ -205,6 +207,11 @@ class OnlineTrainer:
     def iterate(self) -> Iterator[IterationResult]:
         """Train until every env type has ``stop_env_steps`` env steps; yield each iteration."""
         target = self.stop_env_steps
+        restored = self._restored_env_steps
+        if restored and all(restored.get(e, 0) >= target for e in self.cfg.env_ids):
+            self.log(f"the checkpoint resumed from is at the budget ({target:,} env steps per "
+                     "env type): nothing to train")
+            return
         returns: dict[str, float] = {}
         last_steps = None
         while True:
