@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from rl_agnostic.configs import check_keys
-from rl_agnostic.experiments.report import _command_target
+from rl_agnostic.experiments.report import _command_target, _fmt, _mean_std
 from rl_agnostic.experiments.run import DONE_FILE
 from rl_agnostic.experiments.spec import _merge
 from rl_agnostic.nn.config import ConfigError
@@ -375,14 +375,6 @@ def _rows(run: OfflineRun) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _mean_std(values: list[float | None]) -> list[float] | None:
-    """[mean, std] over the values given, [value] for one, None for none."""
-    vals = [float(v) for v in values if v is not None]
-    if len(vals) < 2:
-        return vals or None
-    return [float(np.mean(vals)), float(np.std(vals))]
-
-
 def collect_results(exp: OfflineExperiment, out: Path) -> dict[str, Any]:
     """Scores, curves, parameters and timings of every finished run of ``exp``."""
     names = exp.dataset_names()
@@ -416,17 +408,15 @@ def collect_results(exp: OfflineExperiment, out: Path) -> dict[str, Any]:
                          for s in seeds
                          if all(scores[n][a]["final"].get(s) is not None for n in names)}
                      for a in agents}
-    mean = {a: _mean_std(list(per_seed_mean[a].values())) for a in agents}
-    ratio = None
-    if mean.get(exp.primary) and mean.get(exp.reference) and mean[exp.reference][0] != 0:
-        ratio = mean[exp.primary][0] / mean[exp.reference][0]
+    mean = {a: _mean_std(list(per_seed_mean[a].values()))[:2] for a in agents}
+    pri, ref = mean[exp.primary][0], mean[exp.reference][0]
+    ratio = pri / ref if pri is not None and ref else None
     return {
         "experiment": exp.name, "scale": exp.scale, "seeds": seeds, "datasets": names,
         "agents": agents, "reference": exp.reference, "primary": exp.primary,
         "scores": {n: {a: {k: {str(s): v for s, v in cell.items()} for k, cell in c.items()}
-                       | {"final_mean_std": _mean_std(list(c["final"].values())),
-                          "best_mean_std": _mean_std(list(c["best"].values())),
-                          "return_mean_std": _mean_std(list(c["return"].values()))}
+                       | {f"{k}_mean_std": _mean_std(list(c[k].values()))[:2]
+                          for k in ("final", "best", "return")}
                        for a, c in scores[n].items()} for n in names},
         "mean_normalized": mean,
         "mean_normalized_per_seed": {a: {str(s): v for s, v in m.items()}
@@ -464,12 +454,6 @@ def _dataset_info(exp: OfflineExperiment, data_dir: Path, out: Path) -> dict[str
         else:
             info[d["name"]] = {"env_id": d.get("env_id"), "file": d["path"]}
     return info
-
-
-def _fmt(ms: list | None, digits: int = 1) -> str:
-    if not ms:
-        return "-"
-    return f"{ms[0]:.{digits}f}" if len(ms) < 2 else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
 def write_markdown(exp: OfflineExperiment, res: dict, path: Path) -> None:
@@ -540,7 +524,7 @@ def write_markdown(exp: OfflineExperiment, res: dict, path: Path) -> None:
         for n in res["datasets"]:
             at = {a: _mean_curve(res["curves"][a][n]) for a in (ref, pri)}
             lines.append(f"| {n} | " + " | ".join(
-                f"{_fmt(_one(at[ref].get(t)))} / {_fmt(_one(at[pri].get(t)))}"
+                f"{_fmt((at[ref].get(t), None))} / {_fmt((at[pri].get(t), None))}"
                 for t in steps_seen) + " |")
         lines.append("")
     made = {n: i for n, i in res["dataset_info"].items() if "transitions" in i}
@@ -565,10 +549,6 @@ def _mean_curve(per_seed: dict[str, list]) -> dict[int, float]:
         for t, v in curve:
             by_step.setdefault(t, []).append(v)
     return {t: float(np.mean(v)) for t, v in by_step.items()}
-
-
-def _one(value: float | None) -> list | None:
-    return None if value is None else [value]
 
 
 def plot(res: dict, path: Path) -> None:
