@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,10 +45,25 @@ def test_kuberay_rayjob_manifest_shape():
     yaml.safe_load(spec["runtimeEnvYAML"])
 
 
+_PICKED: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768-60999 by default). A port the OS
+    hands out (bind to 0) is free now but may go to one of Ray's own components before the node
+    binds it ("port … used by other components"); these ports are never handed out that way."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)  # above Ray's worker ports (10002-19999)
+        if port in _PICKED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PICKED.add(port)
+        return port
 
 
 # Ray ≥ 2.5x turns token authentication on for new clusters; this loopback-only test cluster
