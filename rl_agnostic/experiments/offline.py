@@ -37,6 +37,7 @@ from rl_agnostic.experiments.run import DONE_FILE
 from rl_agnostic.experiments.spec import _merge
 from rl_agnostic.nn.config import ConfigError
 from rl_agnostic.offline.config import OfflineConfig
+from rl_agnostic.online.trainer import OnlineTrainer, atomic_write_text, latest_checkpoint
 
 __all__ = ["OfflineExperiment", "load_offline_experiment", "run_offline_experiment",
            "write_offline_report"]
@@ -244,7 +245,6 @@ def behaviour_policies(exp: OfflineExperiment, data_dir: Path,
     import ray
 
     from rl_agnostic.online.config import load_train_config
-    from rl_agnostic.online.trainer import OnlineTrainer, atomic_write_text, latest_checkpoint
 
     base = load_train_config(exp.expert_config).replace(
         run={"output_dir": str(data_dir / "experts"), "seed": exp.collect["seed"]})
@@ -333,7 +333,6 @@ def run_offline_experiment(exp: OfflineExperiment, out_dir: str | Path, *,
 
     from rl_agnostic.distributed import init_ray
     from rl_agnostic.offline.trainer import train_offline
-    from rl_agnostic.online.trainer import atomic_write_text
 
     say = log or (lambda text: print(text, flush=True))
     out = Path(out_dir).absolute()
